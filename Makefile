@@ -1,0 +1,39 @@
+# The two commands README.md opens with:
+#   make run    — set up a venv and run empath in the foreground on examples/dev.yaml
+#   make test   — install everything the tests need (apt + pip) and run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: run test venv deps lint typecheck pytest bench clean
+
+$(BIN)/empath: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/empath
+
+run: venv
+	$(BIN)/empath run --config examples/dev.yaml
+
+deps:
+	scripts/install-test-deps
+
+lint: venv
+	$(BIN)/ruff check empath tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest
+
+test: deps venv lint typecheck pytest
+
+bench: venv
+	$(BIN)/python bench/accept.py --empath-cmd "$(abspath $(BIN))/empath"
+
+clean:
+	rm -rf $(VENV) examples/dev-state build dist *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from empath.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The ``empath`` command: run the daemon, check a config file, print the version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import empath
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+EX_UNAVAILABLE = 69
+
+
+def _config_path(arg: str | None) -> Path:
+    from empath.config import default_config_path
+
+    return Path(arg) if arg else default_config_path()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from empath.daemon import run
+
+    return run(_config_path(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from empath.config import ConfigError, dump_config, load_config
+
+    path = _config_path(args.config)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"# {path}: configuration is valid; effective configuration follows")
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"empath {empath.__version__}")
+    return 0
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    print(f"empath {args.command}: not supported yet", file=sys.stderr)
+    return EX_UNAVAILABLE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="empath", description="empath mail transfer agent")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "configuration file (default: $EMPATH_CONFIG, else /etc/empath/empath.yaml)"
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("--config", "-c", help=config_help)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-config", help="validate a configuration file and print it")
+    p.add_argument("--config", "-c", help=config_help)
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    for name, text in (("passwd", "set a submission password"),
+                       ("sendmail", "sendmail-compatible local submission")):
+        p = sub.add_parser(name, help=f"{text} (not supported yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_not_yet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""An SMTP worker process: serves inherited listening sockets, spools mail.
+
+Started by the supervisor as ``python -m empath.daemon.worker`` with the listening
+sockets and one end of a socketpair passed as file descriptors (named in
+``EMPATH_WORKER_FDS`` / ``EMPATH_IPC_FD``). It receives its configuration from the
+supervisor, never from the file, so every process runs the same validated config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from empath.config import ConfigError, load_config_text
+from empath.daemon.ipc import Channel, open_channel
+from empath.log import setup_logging
+from empath.smtp.server import Front
+from empath.spool import Envelope, Spool
+
+log = logging.getLogger("empath.worker")
+
+
+class Worker:
+    def __init__(self, channel: Channel, sockets: list[tuple[socket.socket, str]]) -> None:
+        self.channel = channel
+        self.sockets = sockets
+        self.pending: dict[int, asyncio.Future[str | None]] = {}
+        self.ids = itertools.count(1)
+        self.front: Front | None = None
+        self.stop = asyncio.Event()
+
+    async def admit(self, ip: str) -> str | None:
+        n = next(self.ids)
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.pending[n] = fut
+        self.channel.send({"t": "admit", "n": n, "ip": ip})
+        return await fut
+
+    def release(self, ip: str) -> None:
+        self.channel.send({"t": "release", "ip": ip})
+
+    def queued(self, envelope: Envelope) -> None:
+        self.channel.send({"t": "queued", "id": envelope.id})
+
+    async def run(self) -> int:
+        first = await self.channel.recv()
+        if first is None or first.get("t") != "config":
+            log.error("worker: no configuration from the supervisor")
+            return 1
+        try:
+            cfg = load_config_text(first["text"], _source(first))
+        except ConfigError as exc:
+            log.error("worker: configuration refused: %s", exc)
+            return 2
+        setup_logging(cfg.log.level)
+        spool = Spool(cfg.spool_dir)
+        self.front = front = Front(
+            cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued
+        )
+        for sock, role in self.sockets:
+            await front.serve(sock, role)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        # The supervisor coordinates shutdown; a terminal's Ctrl-C reaches us too.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.channel.send({"t": "ready", "pid": os.getpid()})
+        reader = asyncio.create_task(self._read_loop())
+        await self.stop.wait()
+        reader.cancel()
+        await front.shutdown(front.config.shutdown_timeout)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_result("421 4.3.2 Service shutting down")
+        spool.close()
+        return 0
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = await self.channel.recv()
+            if msg is None:
+                # The supervisor is gone: stop rather than serve unsupervised.
+                log.error("worker: supervisor went away, shutting down")
+                self.stop.set()
+                return
+            kind = msg.get("t")
+            if kind == "admit":
+                fut = self.pending.pop(int(msg["n"]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.get("refuse"))
+            elif kind == "config" and self.front is not None:
+                try:
+                    cfg = load_config_text(msg["text"], _source(msg))
+                    self.front.apply_config(cfg)
+                    setup_logging(cfg.log.level)
+                except Exception as exc:  # validated by the supervisor; log and keep going
+                    log.error("worker: cannot apply new configuration: %s", exc)
+            elif kind == "stop":
+                self.stop.set()
+
+
+def _source(msg: dict[str, Any]) -> Path | None:
+    src = msg.get("source")
+    return Path(str(src)) if src else None
+
+
+def main() -> int:
+    setup_logging("info")
+    fds = os.environ.pop("EMPATH_WORKER_FDS", "")
+    ipc_fd = int(os.environ.pop("EMPATH_IPC_FD"))
+    sockets: list[tuple[socket.socket, str]] = []
+    for item in filter(None, fds.split(",")):
+        fd, role = item.split(":", 1)
+        sockets.append((socket.socket(fileno=int(fd)), role))
+    ipc_sock = socket.socket(fileno=ipc_fd)
+
+    async def amain() -> int:
+        channel = await open_channel(ipc_sock)
+        return await Worker(channel, sockets).run()
+
+    return asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The SMTP front: serves SMTP sessions on listening sockets it is handed.
+
+It never binds anything itself — sockets come from systemd (socket activation) or
+from the supervisor — so the same code runs under both, in one or many processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+from empath.config.model import Config
+from empath.smtp.session import SMTPSession
+from empath.spool import Envelope, Spool
+
+__all__ = ["Front", "make_tls_context"]
+
+log = logging.getLogger("empath.smtp")
+
+# Asked before a client gets its greeting: None admits, a reply string refuses.
+AdmitFn = Callable[[str], Awaitable[str | None]]
+
+
+def make_tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """Server-side context for STARTTLS: TLS 1.2 minimum, no client certificates."""
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.tls.certificate), str(cfg.tls.key))
+    return ctx
+
+
+class Front:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        *,
+        admit: AdmitFn | None = None,
+        release: Callable[[str], None] | None = None,
+        on_queued: Callable[[Envelope], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.tls_context = make_tls_context(config)
+        self._admit = admit
+        self._release = release
+        self._on_queued = on_queued
+        self.sessions: set[SMTPSession] = set()
+        self.shutting_down = False
+        self._servers: list[asyncio.Server] = []
+
+    def apply_config(self, config: Config) -> None:
+        """Use ``config`` for new sessions; open sessions keep the one they started with."""
+        tls = make_tls_context(config)
+        self.config, self.tls_context = config, tls
+
+    async def serve(self, sock: socket.socket, role: str) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        server = await loop.create_server(
+            lambda: SMTPSession(self, role), sock=sock, backlog=1024
+        )
+        self._servers.append(server)
+
+    # ---- called by sessions ------------------------------------------------------
+
+    async def admit(self, session: SMTPSession) -> str | None:
+        if self.shutting_down:
+            return f"421 4.3.2 {self.config.hostname} Service shutting down"
+        if self._admit is not None:
+            refusal = await self._admit(session.client_ip)
+            if refusal is not None:
+                log.info("connection refused client=%s: %s", session.client_ip, refusal)
+                return refusal
+        self.sessions.add(session)
+        return None
+
+    def session_closed(self, session: SMTPSession) -> None:
+        self.sessions.discard(session)
+        if self._release is not None:
+            self._release(session.client_ip)
+
+    def message_queued(self, envelope: Envelope, session: SMTPSession) -> None:
+        log.info(
+            "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
+            envelope.id, envelope.sender, len(envelope.recipients), envelope.size,
+            session.client_ip,
+        )
+        if self._on_queued is not None:
+            self._on_queued(envelope)
+
+    # ---- shutdown ----------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting; let sessions inside DATA finish up to ``timeout``; 421 the rest."""
+        self.stop_accepting()
+        bye = f"421 4.3.2 {self.config.hostname} Service shutting down"
+        for session in list(self.sessions):
+            if not session.busy:
+                session.close_with(bye)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(s.busy for s in self.sessions) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_with(bye)
+        # Give transports a moment to flush the 421s.
+        await asyncio.sleep(0.05)

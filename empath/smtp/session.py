@@ -1,0 +1,514 @@
+"""One SMTP session: aiosmtpd's protocol, with the command loop and replies owned here.
+
+aiosmtpd gives us the transport plumbing, timeouts and the STARTTLS switch (which
+discards plaintext pipelined after STARTTLS, the CVE-2011-0411 class). Everything a
+client sees — replies with enhanced status codes, relay policy, limits, the DATA
+reader, the moment ``250`` is sent — is decided in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from empath.addr import Mailbox
+from empath.smtp.data import DataOutcome, read_data
+from empath.smtp.parse import PathArgs, ReplyError, parse_path_args
+from empath.smtp.policy import decide_rcpt, in_networks
+from empath.smtp.replies import ensure_enhanced
+from empath.smtp.trace import received_header, with_protocol
+from empath.spool import Envelope, Recipient, SpoolError
+
+if TYPE_CHECKING:
+    from empath.smtp.server import Front
+
+__all__ = ["SMTPSession"]
+
+log = logging.getLogger("empath.smtp")
+
+# Commands are short; 1000 octets leaves room for ESMTP parameters (RFC 5321 §4.5.3.1.4).
+MAX_COMMAND = 1000
+
+_DATA_REJECT = {
+    DataOutcome.TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
+    DataOutcome.LINE_TOO_LONG: (
+        "554 5.6.0 Message rejected: line longer than 998 characters (RFC 5322 2.1.1)"
+    ),
+    DataOutcome.BARE_NEWLINE: (
+        "554 5.6.0 Message rejected: bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
+    ),
+    DataOutcome.NUL: "554 5.6.0 Message rejected: NUL character in message",
+    DataOutcome.WRITE_ERROR: "451 4.3.0 Error: local error writing the queue file, try again",
+}
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; all behaviour lives in the session itself."""
+
+
+@dataclass(slots=True)
+class Transaction:
+    sender: str  # "" for <>
+    body: str  # 7BIT | 8BITMIME
+    smtputf8: bool
+    size_declared: int | None
+    recipients: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
+def _recipient_key(mailbox: Mailbox) -> str:
+    # Local parts are case-sensitive (RFC 5321 §2.4); the domain is normalised.
+    return mailbox.address
+
+
+class SMTPSession(SMTP):  # type: ignore[misc]
+    def __init__(self, front: Front, role: str) -> None:
+        cfg = front.config
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=cfg.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=cfg.hostname,
+            ident="ESMTP empath",
+            tls_context=front.tls_context,
+            timeout=cfg.limits.command_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.front = front
+        self.role = role
+        self.cfg = cfg  # fixed for the session's life: a reload affects new sessions
+        self.helo: str | None = None
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.errors = 0
+        self.busy = False  # inside DATA or committing: shutdown lets it finish
+        self.closing = False
+        self.client_ip = ""
+        self.client_port = 0
+        self.admitted = False
+        self.authenticated: str | None = None
+        self._commands: dict[str, Any] = {
+            "EHLO": self.smtp_EHLO,
+            "HELO": self.smtp_HELO,
+            "MAIL": self.smtp_MAIL,
+            "RCPT": self.smtp_RCPT,
+            "DATA": self.smtp_DATA,
+            "RSET": self.smtp_RSET,
+            "NOOP": self.smtp_NOOP,
+            "QUIT": self.smtp_QUIT,
+            "VRFY": self.smtp_VRFY,
+            "EXPN": self.smtp_EXPN,
+            "HELP": self.smtp_HELP,
+            "STARTTLS": self.smtp_STARTTLS,
+            "AUTH": self.smtp_AUTH,
+            "BDAT": self.smtp_BDAT,
+        }
+
+    # ---- output ---------------------------------------------------------------
+
+    def _write(self, line: str) -> None:
+        self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    async def push(self, status: str | bytes) -> None:
+        """Send one reply line; adds an enhanced code if missing and counts errors."""
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "surrogateescape")
+        status = ensure_enhanced(status)
+        if status[:1] in ("4", "5"):
+            self.errors += 1
+        self._write(status)
+        await self._writer.drain()
+
+    def close_with(self, reply: str) -> None:
+        """Send a final reply (421) and close, from any task."""
+        if self.transport is None or self.closing:
+            return
+        self.closing = True
+        with contextlib.suppress(Exception):  # the peer may be gone already
+            self._write(reply)
+        self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        if self.busy:
+            reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded during DATA"
+        else:
+            reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded"
+        log.info("timeout client=%s", self.client_ip)
+        self.close_with(reply)
+
+    # ---- connection ------------------------------------------------------------
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.front.session_closed(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple):
+            self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        refusal = await self.front.admit(self)
+        if refusal is not None:
+            self.close_with(refusal)
+            return
+        self.admitted = True
+        self._write(f"220 {self.cfg.hostname} ESMTP empath")
+        reader = self._reader
+        max_errors = self.cfg.limits.max_errors
+        while self.transport is not None and not self.closing:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._drain_long_line(exc.consumed)
+                await self.push("500 5.5.6 Error: command line too long")
+                self._check_errors(max_errors)
+                continue
+            except asyncio.IncompleteReadError:
+                break
+            await self._dispatch(line)
+            self._check_errors(max_errors)
+
+    async def _drain_long_line(self, consumed: int) -> None:
+        reader = self._reader
+        await reader.readexactly(consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+
+    def _check_errors(self, max_errors: int) -> None:
+        if self.errors >= max_errors and not self.closing:
+            log.info("too many errors client=%s errors=%d", self.client_ip, self.errors)
+            self.close_with(f"421 4.7.0 {self.cfg.hostname} Error: too many errors")
+
+    async def _dispatch(self, raw: bytes) -> None:
+        line = raw.rstrip(b"\r\n")
+        if len(line) > MAX_COMMAND:
+            await self.push("500 5.5.6 Error: command line too long")
+            return
+        verb_b, _, arg_b = line.partition(b" ")
+        try:
+            verb = verb_b.decode("ascii").upper()
+        except UnicodeDecodeError:
+            await self.push("500 5.5.2 Error: bad syntax")
+            return
+        handler = self._commands.get(verb)
+        if handler is None:
+            await self.push("500 5.5.2 Error: command not recognized")
+            return
+        arg = arg_b.strip().decode("utf-8", "surrogateescape") if arg_b.strip() else None
+        self._reset_timeout()
+        await handler(arg)
+
+    # ---- commands ----------------------------------------------------------------
+
+    def _reset_txn(self) -> None:
+        self.txn = None
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._reset_txn()
+        self.helo, self.esmtp = arg, False
+        await self.push(f"250 {self.cfg.hostname}")
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._reset_txn()
+        self.helo, self.esmtp = arg, True
+        lines = [
+            self.cfg.hostname,
+            "PIPELINING",
+            f"SIZE {self.cfg.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        for text in lines[:-1]:
+            self._write(f"250-{text}")
+        self._write(f"250 {lines[-1]}")
+        await self._writer.drain()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.helo is None:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self.role == "submission" and self.authenticated is None:
+            await self.push("530 5.7.0 Authentication required")
+            return
+        if self.txn is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        if arg is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            path = parse_path_args(
+                arg, "FROM:", allow_utf8=True, allow_null=True,
+                allow_postmaster=False, bad_address_code="5.1.7",
+            )
+        except ReplyError as exc:
+            await self.push(exc.reply)
+            return
+        txn_or_reply = self._mail_params(path)
+        if isinstance(txn_or_reply, str):
+            await self.push(txn_or_reply)
+            return
+        if self.front.shutting_down:
+            self.close_with(f"421 4.3.2 {self.cfg.hostname} Service shutting down")
+            return
+        try:
+            free = self.front.spool.free_space()
+        except OSError:
+            free = 0
+        if free < self.cfg.limits.min_free_space:
+            log.warning("spool below min_free_space: %d bytes free", free)
+            await self.push("452 4.3.1 Insufficient system storage")
+            return
+        self.txn = txn_or_reply
+        await self.push("250 2.1.0 Ok")
+
+    def _mail_params(self, path: PathArgs) -> Transaction | str:
+        params = dict(path.params)
+        if params and not self.esmtp:
+            return "501 5.5.4 Parameters require EHLO"
+        body = (params.pop("BODY", None) or "7BIT").upper()
+        if body not in ("7BIT", "8BITMIME"):
+            return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
+        smtputf8 = "SMTPUTF8" in params
+        if smtputf8 and params.pop("SMTPUTF8") is not None:
+            return "501 5.5.4 SMTPUTF8 takes no value"
+        if not path.raw.isascii() and not smtputf8:
+            return "553 5.6.7 Non-ASCII sender address requires SMTPUTF8"
+        size: int | None = None
+        if "SIZE" in params:
+            value = params.pop("SIZE")
+            if value is None or not value.isdigit() or len(value) > 20:
+                return "501 5.5.4 Bad SIZE parameter"
+            size = int(value)
+            if size > self.cfg.limits.max_message_size:
+                return "552 5.3.4 Message size exceeds fixed maximum message size"
+        # AUTH=<> may be sent by any client; it carries no authority here (RFC 4954 §5).
+        params.pop("AUTH", None)
+        if params:
+            return f"555 5.5.4 Unsupported MAIL parameter {next(iter(params))}"
+        sender = path.mailbox.address if path.mailbox is not None else ""
+        return Transaction(sender=sender, body=body, smtputf8=smtputf8, size_declared=size)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        txn = self.txn
+        if txn is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if arg is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            path = parse_path_args(
+                arg, "TO:", allow_utf8=txn.smtputf8, allow_null=False,
+                allow_postmaster=True, bad_address_code="5.1.3",
+            )
+        except ReplyError as exc:
+            await self.push(exc.reply)
+            return
+        if path.params:
+            await self.push(f"555 5.5.4 Unsupported RCPT parameter {next(iter(path.params))}")
+            return
+        cfg = self.cfg
+        if len(txn.recipients) >= cfg.limits.max_recipients:
+            await self.push("452 4.5.3 Error: too many recipients")
+            return
+        may_relay = self.authenticated is not None or in_networks(
+            self.client_ip, cfg.relay_networks
+        )
+        decision = decide_rcpt(cfg, path.mailbox, client_may_relay=may_relay)
+        if not decision.accept:
+            log.info("relay denied client=%s rcpt=<%s>", self.client_ip, path.raw)
+            await self.push(decision.reply)
+            return
+        address = _recipient_key(path.mailbox) if path.mailbox is not None else cfg.postmaster
+        if address not in txn.seen:
+            txn.seen.add(address)
+            txn.recipients.append(address)
+        await self.push(decision.reply)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        txn = self.txn
+        if self.helo is None:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if txn is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not txn.recipients:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg is not None:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        front = self.front
+        try:
+            writer = front.spool.create()
+        except OSError as exc:
+            log.error("cannot create queue file: %s", exc)
+            await self.push("451 4.3.0 Error: local error creating the queue file, try again")
+            return
+        self.busy = True
+        try:
+            await self._receive(txn, writer)
+        finally:
+            self.busy = False
+            self.txn = None
+        if front.shutting_down:
+            self.close_with(f"421 4.3.2 {self.cfg.hostname} Service shutting down")
+
+    async def _receive(self, txn: Transaction, writer: Any) -> None:
+        cfg = self.cfg
+        now = time.time()
+        tls_info = self._tls_info()
+        header = received_header(
+            helo=self.helo or "unknown",
+            client_ip=self.client_ip,
+            hostname=cfg.hostname,
+            protocol=with_protocol(
+                esmtp=self.esmtp, tls=tls_info is not None,
+                auth=self.authenticated is not None, utf8=txn.smtputf8,
+            ),
+            queue_id=writer.id,
+            recipients=txn.recipients,
+            tls_info=tls_info,
+            timestamp=now,
+        )
+        try:
+            writer.write(header)
+        except OSError as exc:
+            writer.abort()
+            log.error("queue file write failed: %s", exc)
+            await self.push("451 4.3.0 Error: local error writing the queue file, try again")
+            return
+        self._write("354 End data with <CR><LF>.<CR><LF>")
+        self._reset_timeout(cfg.limits.data_timeout)
+        try:
+            result = await read_data(self._reader, writer.write, cfg.limits.max_message_size)
+        except BaseException:
+            writer.abort()
+            raise
+        if result.outcome is not DataOutcome.OK:
+            writer.abort()
+            if result.error is not None:
+                log.error("queue file write failed: %s", result.error)
+            else:
+                log.info(
+                    "message rejected client=%s reason=%s", self.client_ip, result.outcome.value
+                )
+            await self.push(_DATA_REJECT[result.outcome])
+            return
+        envelope = Envelope(
+            id=writer.id,
+            sender=txn.sender,
+            recipients=[Recipient(address=a) for a in txn.recipients],
+            received_at=now,
+            client_addr=self.client_ip,
+            client_port=self.client_port,
+            helo=self.helo or "",
+            tls=tls_info,
+            authenticated=self.authenticated,
+            body="8BITMIME" if (result.eight_bit or txn.body == "8BITMIME") else "7BIT",
+            smtputf8=txn.smtputf8,
+        )
+        try:
+            await self.front.spool.commit(writer, envelope)
+        except SpoolError as exc:
+            log.error("queue commit failed id=%s: %s", writer.id, exc)
+            await self.push("451 4.3.0 Error: local error in processing, try again")
+            return
+        except BaseException:
+            writer.abort()
+            raise
+        self.front.message_queued(envelope, self)
+        await self.push(f"250 2.0.0 Ok: queued as {envelope.id}")
+
+    def _tls_info(self) -> str | None:
+        if self._tls_protocol is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return "TLS"
+        cipher = ssl_object.cipher()
+        name = cipher[0] if cipher else "unknown"
+        return f"using {ssl_object.version()} with cipher {name}"
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg is not None:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._reset_txn()
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        self.closing = True
+        await self.push("221 2.0.0 Bye")
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        if arg is None:
+            await self.push("501 5.5.4 Syntax: VRFY address")
+            return
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 Error: EXPN not supported")
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push(
+            "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+            + (" STARTTLS" if self.tls_context is not None else "")
+        )
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 Error: authentication not enabled")
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 Error: CHUNKING not supported")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_context is None:
+            await self.push("502 5.5.1 Error: STARTTLS not available")
+            return
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        if arg is not None:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        try:
+            # Sends "220 Ready to start TLS" (our push adds 2.0.0), switches the
+            # transport and throws away anything pipelined in plaintext behind it.
+            await super().smtp_STARTTLS(arg or "")
+        except TLSSetupException:
+            log.info("TLS handshake failed client=%s", self.client_ip)
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        # RFC 3207 §4.2: forget everything learnt before TLS.
+        self.helo, self.esmtp = None, False
+        self._reset_txn()

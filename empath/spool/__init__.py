@@ -1,0 +1,21 @@
+"""The durable spool: accepted messages as data + envelope files under ``<state_dir>/spool``.
+
+``Spool.commit`` is the point of no return: once it returns, the message survives a
+crash and the SMTP layer may answer 250. See ``empath.spool.store`` for the contract.
+"""
+
+from empath.spool.envelope import CorruptEnvelope, Envelope, Recipient
+from empath.spool.ids import is_message_id, new_message_id
+from empath.spool.store import RecoveryReport, Spool, SpoolError, SpoolWriter
+
+__all__ = [
+    "CorruptEnvelope",
+    "Envelope",
+    "Recipient",
+    "RecoveryReport",
+    "Spool",
+    "SpoolError",
+    "SpoolWriter",
+    "is_message_id",
+    "new_message_id",
+]

@@ -1,0 +1,591 @@
+"""The durable spool: the on-disk queue of accepted messages.
+
+Layout under ``root`` (normally ``<state_dir>/spool``)::
+
+    tmp/<id>.msg, tmp/<id>.env*   being written; never acknowledged; wiped at recovery
+    queue/<id>.msg                message data, exactly as it will be delivered
+    queue/<id>.env                envelope record (JSON); its presence makes the message exist
+    quarantine/                   damaged entries moved aside by recovery
+
+Durability contract of ``commit``: when it returns, both files have been written,
+fsync'ed, renamed into ``queue/`` and ``queue/`` itself fsync'ed, in that order. Only
+then may the SMTP layer answer 250. Data is renamed before the envelope, so a crash
+between the two leaves a data file without envelope (quarantined at recovery), never
+an envelope pointing at missing data.
+
+Performance: the file work runs on a thread pool owned by the spool, so fsyncs never
+block the event loop and concurrent fsyncs overlap (the filesystem journal merges
+them). The fsync of ``queue/`` is shared by group commit: every commit whose renames
+are done waits for one directory sync that *started after* its renames; syncs run one
+at a time, and the next one covers everybody who renamed while the current one ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, TypeVar
+
+from empath.spool.envelope import CorruptEnvelope, Envelope
+from empath.spool.ids import is_message_id, new_message_id
+
+__all__ = ["RecoveryReport", "Spool", "SpoolError", "SpoolWriter"]
+
+log = logging.getLogger("empath.spool")
+
+_T = TypeVar("_T")
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# Data is buffered in memory up to this size before an os.write: few syscalls for
+# the many small chunks a DATA phase arrives in, bounded memory per session.
+WRITE_BUFFER = 64 * 1024
+DEFAULT_THREADS = 16
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class SpoolError(OSError):
+    """The spool could not do what was asked; nothing partial was left behind.
+
+    An OSError, so ``errno`` (ENOSPC, EIO, …) tells the SMTP layer which 4xx to send.
+    """
+
+
+@dataclass
+class RecoveryReport:
+    ids: list[str]  # committed messages, sorted (oldest first)
+    removed_tmp: int  # entries removed from tmp/
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (id or name, reason)
+
+
+# The syscalls whose order is the durability contract go through these wrappers, so
+# tests can record (or fail) them without patching the os module for everybody.
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # cannot happen for regular files; don't spin if it does
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _spool_error(exc: BaseException, what: str) -> SpoolError:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return SpoolError(exc.errno, f"{what}: {exc.strerror}", exc.filename)
+    return SpoolError(errno.EIO, f"{what}: {exc}")
+
+
+class SpoolWriter:
+    """A message being received: append with ``write``, then ``Spool.commit`` or ``abort``.
+
+    Usable as a context manager that aborts unless the message was committed.
+    """
+
+    def __init__(self, spool: Spool, id: str, fd: int) -> None:
+        self.id = id
+        self.size = 0
+        self._spool = spool
+        self._fd = fd
+        self._buf = bytearray()
+        self._state = "open"  # open | failed | committing | committed | aborted
+        self.path = spool.tmp_dir / f"{id}.msg"
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``. Raises OSError (ENOSPC, EIO, …); then only abort() is useful."""
+        if self._state != "open":
+            raise ValueError(f"spool writer {self.id} is {self._state}")
+        self._buf += data
+        self.size += len(data)
+        if len(self._buf) >= WRITE_BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            _write_all(self._fd, self._buf)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._buf.clear()
+
+    def abort(self) -> None:
+        """Close and unlink the temporary file. Idempotent; never raises.
+
+        A no-op once ``commit`` has started: the commit then owns the files and either
+        completes or unwinds them itself, even if its caller was cancelled.
+        """
+        if self._state in ("committing", "committed", "aborted"):
+            return
+        self._state = "aborted"
+        self._buf = bytearray()
+        self._close()
+        _unlink_quietly(self.path)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+class Spool:
+    def __init__(self, root: Path, *, threads: int = DEFAULT_THREADS) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.queue_dir = self.root / "queue"
+        self.quarantine_dir = self.root / "quarantine"
+        # File work (write, fsync, rename) of concurrent commits runs here in
+        # parallel. Threads are only started on first use.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="empath-spool")
+        # The queue-dir fsync gets its own thread so it never waits in line behind
+        # file work queued on the pool; only one runs at a time anyway.
+        self._dir_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="empath-spool-dir")
+        # Group commit state (event-loop side): the sync in progress, and the one
+        # that will start when it finishes, which late arrivals join.
+        self._sync_running: asyncio.Future[None] | None = None
+        self._sync_next: asyncio.Future[None] | None = None
+        # Ids renamed into queue/ whose commit has not returned: not yet promised to
+        # anyone, and possibly undone, so ids() does not list them.
+        self._inflight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- setup ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create root, tmp/, queue/ and quarantine/ (0700) if missing; check they are dirs."""
+        created = False
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.quarantine_dir):
+            try:
+                os.mkdir(d, DIR_MODE)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _spool_error(exc, f"cannot create {d}") from exc
+            try:
+                st = os.lstat(d)
+                if not stat.S_ISDIR(st.st_mode):  # a symlink or file where a dir belongs
+                    raise SpoolError(errno.ENOTDIR, f"{d} is not a directory", str(d))
+                if stat.S_IMODE(st.st_mode) != DIR_MODE:  # mkdir's mode is cut by umask
+                    os.chmod(d, DIR_MODE)
+            except SpoolError:
+                raise
+            except OSError as exc:
+                raise _spool_error(exc, f"cannot use {d}") from exc
+        if created:
+            # Make the new directory entries themselves durable.
+            try:
+                for d in (self.root.parent, self.root):
+                    self._sync_dir(d)
+            except OSError as exc:
+                raise _spool_error(exc, f"cannot sync {self.root}") from exc
+
+    def close(self) -> None:
+        """Stop the worker threads (waits for running file work)."""
+        self._pool.shutdown(wait=True)
+        self._dir_pool.shutdown(wait=True)
+
+    # -- writing -------------------------------------------------------------
+
+    def create(self) -> SpoolWriter:
+        """Start a new message: a fresh id and an exclusive, 0600 tmp/<id>.msg."""
+        id = new_message_id()
+        path = self.tmp_dir / f"{id}.msg"
+        try:
+            # O_EXCL|O_NOFOLLOW: never write through anything already at that name,
+            # not even a symlink planted there.
+            fd = os.open(path, _CREATE_FLAGS, FILE_MODE)
+        except OSError as exc:
+            raise _spool_error(exc, f"cannot create {path}") from exc
+        return SpoolWriter(self, id, fd)
+
+    async def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
+        """Make the message durable; see the module docstring for the exact contract.
+
+        Sets ``envelope.size``. Raises SpoolError if anything fails, and then no file
+        of the message is left. If the awaiting task is cancelled, the commit still
+        runs to completion (or unwinds) in the background, so the message may end up
+        queued without the caller knowing — like a 250 lost on the wire.
+        """
+        if writer._spool is not self:
+            raise ValueError("writer belongs to another spool")
+        if writer._state != "open":
+            writer.abort()
+            raise SpoolError(errno.EIO, f"message {writer.id} cannot be committed: {writer._state}")
+        if envelope.id != writer.id:
+            writer.abort()
+            raise ValueError(f"envelope id {envelope.id!r} is not the writer's {writer.id!r}")
+        envelope.size = writer.size
+        try:
+            env_bytes = envelope.to_bytes()
+        except ValueError as exc:
+            writer.abort()
+            raise SpoolError(errno.EINVAL, f"message {writer.id}: {exc}") from exc
+        writer._state = "committing"
+        task = asyncio.ensure_future(self._commit(writer, env_bytes))
+        # Keep a reference (the loop only holds weak ones) and collect the outcome
+        # if nobody is left to await it.
+        self._tasks.add(task)
+        task.add_done_callback(self._commit_done)
+        await asyncio.shield(task)
+
+    def _commit_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Reported to the caller if it still awaits; logged for the cancelled case.
+            log.debug("spool commit failed: %s", task.exception())
+
+    async def _commit(self, writer: SpoolWriter, env_bytes: bytes) -> None:
+        id = writer.id
+        loop = asyncio.get_running_loop()
+        self._inflight.add(id)
+        try:
+            try:
+                await loop.run_in_executor(self._pool, self._write_pair, writer, env_bytes)
+            except Exception as exc:
+                writer._state = "aborted"
+                raise _spool_error(exc, f"cannot commit message {id}") from exc
+            try:
+                await self._queue_dir_synced()
+            except Exception as exc:
+                # The names may or may not be durable; the client will get a 4xx and
+                # retry, so take the message back out rather than deliver it twice.
+                await loop.run_in_executor(self._pool, self._unlink_committed, id)
+                writer._state = "aborted"
+                raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
+            writer._state = "committed"
+        finally:
+            self._inflight.discard(id)
+
+    def _write_pair(self, writer: SpoolWriter, env_bytes: bytes) -> None:
+        """Thread: finish data, write envelope, fsync both, rename both. Undo on error."""
+        id = writer.id
+        tmp_msg = writer.path
+        tmp_env = self.tmp_dir / f"{id}.env"
+        q_msg = self.queue_dir / f"{id}.msg"
+        q_env = self.queue_dir / f"{id}.env"
+        renamed: list[Path] = []
+        env_fd = -1
+        try:
+            if writer._buf:
+                _write_all(writer._fd, writer._buf)
+                writer._buf.clear()
+            env_fd = os.open(tmp_env, _CREATE_FLAGS, FILE_MODE)
+            _write_all(env_fd, env_bytes)
+            # Both files are written before the first fsync: on a journaling fs the
+            # first fsync then commits both, and the second one finds little to do.
+            _fsync(writer._fd)
+            _fsync(env_fd)
+            writer._close()
+            os.close(env_fd)
+            env_fd = -1
+            # Data first: an envelope in queue/ must never point at missing data.
+            _rename(tmp_msg, q_msg)
+            renamed.append(q_msg)
+            _rename(tmp_env, q_env)
+            renamed.append(q_env)
+        except BaseException:
+            writer._close()
+            if env_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(env_fd)
+            for p in reversed(renamed):  # envelope first, as in remove()
+                _unlink_quietly(p)
+            _unlink_quietly(tmp_env)
+            _unlink_quietly(tmp_msg)
+            raise
+
+    def _unlink_committed(self, id: str) -> None:
+        _unlink_quietly(self.queue_dir / f"{id}.env")
+        _unlink_quietly(self.queue_dir / f"{id}.msg")
+        with contextlib.suppress(OSError):
+            self._sync_dir(self.queue_dir)
+
+    # -- group commit of the queue directory --------------------------------
+
+    async def _queue_dir_synced(self) -> None:
+        """Return once an fsync of queue/ that started after this call has succeeded."""
+        loop = asyncio.get_running_loop()
+        if self._sync_running is not None and self._sync_running.get_loop() is not loop:
+            # Left over from an event loop that was closed mid-sync (tests, restarts
+            # of asyncio.run); its callbacks will never run, so start afresh.
+            self._sync_running = self._sync_next = None
+        fut = self._sync_next
+        if fut is None:
+            # Nobody is waiting for a sync that has not started yet: start one now if
+            # none is running, else queue one behind the running sync (which may have
+            # started before our renames, so it does not count for us).
+            fut = self._sync_next = loop.create_future()
+            if self._sync_running is None:
+                self._start_dir_sync()
+        # shield: one waiter being cancelled must not cancel the shared future.
+        await asyncio.shield(fut)
+
+    def _start_dir_sync(self) -> None:
+        fut = self._sync_next
+        assert fut is not None
+        self._sync_next = None
+        self._sync_running = fut
+        loop = asyncio.get_running_loop()
+        cf = loop.run_in_executor(self._dir_pool, self._sync_dir, self.queue_dir)
+
+        def done(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                fut.cancel()
+            elif (exc := f.exception()) is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+            # Nobody may be waiting any more (all cancelled): consume the exception.
+            if not fut.cancelled():
+                fut.exception()
+            self._sync_running = None
+            if self._sync_next is not None:
+                self._start_dir_sync()
+
+        cf.add_done_callback(done)
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        fd = os.open(path, _DIR_FLAGS)
+        try:
+            _fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading and changing committed messages ----------------------------
+
+    def _paths(self, id: str) -> tuple[Path, Path]:
+        if not is_message_id(id):
+            raise ValueError(f"not a message id: {id!r}")
+        return self.queue_dir / f"{id}.msg", self.queue_dir / f"{id}.env"
+
+    def ids(self) -> list[str]:
+        """Committed message ids, oldest first."""
+        ids = []
+        with os.scandir(self.queue_dir) as it:
+            for entry in it:
+                stem, dot, ext = entry.name.partition(".")
+                if dot and ext == "env" and is_message_id(stem) and stem not in self._inflight:
+                    ids.append(stem)
+        ids.sort()
+        return ids
+
+    def load(self, id: str) -> Envelope:
+        """Read an envelope. FileNotFoundError if absent, CorruptEnvelope if damaged."""
+        _, env_path = self._paths(id)
+        env = Envelope.from_bytes(_read_file(env_path))
+        if env.id != id:
+            raise CorruptEnvelope(f"envelope {env_path} holds id {env.id}")
+        return env
+
+    def open_data(self, id: str) -> BinaryIO:
+        """Open the message data for reading (binary, unbuffered position at 0)."""
+        msg_path, _ = self._paths(id)
+        fd = os.open(msg_path, _READ_FLAGS)
+        return os.fdopen(fd, "rb")
+
+    def update(self, envelope: Envelope) -> None:
+        """Atomically replace a committed message's envelope (blocking: fsyncs)."""
+        env_path = self._prepare_update(envelope)
+        self._replace_env(envelope.id, envelope.to_bytes(), env_path)
+        self._sync_dir(self.queue_dir)
+
+    async def update_async(self, envelope: Envelope) -> None:
+        """``update`` for event-loop callers: file work in the pool, shared dir sync."""
+        env_path = self._prepare_update(envelope)
+        data = envelope.to_bytes()
+        await self._run(self._replace_env, envelope.id, data, env_path)
+        await self._queue_dir_synced()
+
+    def _prepare_update(self, envelope: Envelope) -> Path:
+        msg_path, env_path = self._paths(envelope.id)
+        # Refuse what recovery would quarantine, and never resurrect a removed message.
+        if not os.path.lexists(env_path):
+            raise FileNotFoundError(errno.ENOENT, "no such message", str(env_path))
+        size = os.stat(msg_path, follow_symlinks=False).st_size
+        if envelope.size != size:
+            raise ValueError(f"envelope size {envelope.size} != data size {size}")
+        return env_path
+
+    def _replace_env(self, id: str, data: bytes, env_path: Path) -> None:
+        tmp = self.tmp_dir / f"{id}.env.{secrets.token_hex(8)}"
+        fd = os.open(tmp, _CREATE_FLAGS, FILE_MODE)
+        try:
+            try:
+                _write_all(fd, data)
+                _fsync(fd)
+            finally:
+                os.close(fd)
+            _rename(tmp, env_path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def remove(self, id: str) -> None:
+        """Delete a message: envelope first (it stops existing), then data, then sync."""
+        self._remove_files(id)
+        self._sync_dir(self.queue_dir)
+
+    async def remove_async(self, id: str) -> None:
+        """``remove`` for event-loop callers: file work in the pool, shared dir sync."""
+        self._paths(id)
+        await self._run(self._remove_files, id)
+        await self._queue_dir_synced()
+
+    def _remove_files(self, id: str) -> None:
+        msg_path, env_path = self._paths(id)
+        # FileNotFoundError if there is no envelope. A lone .msg is then left alone:
+        # at run time it is a commit between its two renames.
+        os.unlink(env_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(msg_path)
+
+    def free_space(self) -> int:
+        """Bytes available to an unprivileged writer on the spool's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- recovery ------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Clean up after a crash; run once at start before anything accepts mail.
+
+        Empties tmp/, moves every incomplete or damaged queue entry to quarantine/
+        (logging a warning for each), and returns the committed ids. Bad entries never
+        raise; SpoolError is raised only when the directories themselves fail.
+        """
+        try:
+            return self._recover()
+        except SpoolError:
+            raise
+        except OSError as exc:
+            raise _spool_error(exc, f"cannot recover spool {self.root}") from exc
+
+    def _recover(self) -> RecoveryReport:
+        quarantined: list[tuple[str, str]] = []
+        removed_tmp = 0
+        with os.scandir(self.tmp_dir) as it:
+            tmp_entries = list(it)
+        for entry in tmp_entries:
+            if entry.is_dir(follow_symlinks=False):
+                # Nothing we write is a directory; don't rmtree what we don't know.
+                self._quarantine(self.tmp_dir, entry.name)
+                quarantined.append((entry.name, "unexpected directory in tmp/"))
+                log.warning("spool: quarantined tmp/%s: unexpected directory", entry.name)
+            else:
+                os.unlink(entry.path)
+                removed_tmp += 1
+        if tmp_entries:
+            self._sync_dir(self.tmp_dir)
+
+        with os.scandir(self.queue_dir) as it:
+            names = {e.name: e.is_file(follow_symlinks=False) for e in it}
+        pairs: dict[str, set[str]] = {}
+        for name, regular in names.items():
+            stem, dot, ext = name.partition(".")
+            if dot and ext in ("msg", "env") and is_message_id(stem) and regular:
+                pairs.setdefault(stem, set()).add(ext)
+            else:
+                reason = "unexpected file name" if regular else "not a regular file"
+                self._quarantine(self.queue_dir, name)
+                quarantined.append((name, reason))
+                log.warning("spool: quarantined %s: %s", name, reason, extra={"QUEUE_ID": stem})
+
+        ids: list[str] = []
+        for id in sorted(pairs):
+            problem = self._check_entry(id, pairs[id])
+            if problem is None:
+                ids.append(id)
+                continue
+            for ext in sorted(pairs[id]):
+                self._quarantine(self.queue_dir, f"{id}.{ext}")
+            quarantined.append((id, problem))
+            log.warning("spool: quarantined message %s: %s", id, problem, extra={"QUEUE_ID": id})
+
+        if quarantined:
+            self._sync_dir(self.quarantine_dir)
+            self._sync_dir(self.queue_dir)
+        return RecoveryReport(ids=ids, removed_tmp=removed_tmp, quarantined=quarantined)
+
+    def _check_entry(self, id: str, exts: set[str]) -> str | None:
+        """Why the queue entry ``id`` is not a complete message, or None if it is."""
+        if "env" not in exts:
+            return "data without envelope"
+        if "msg" not in exts:
+            return "envelope without data"
+        msg_path, env_path = self._paths(id)
+        try:
+            env = Envelope.from_bytes(_read_file(env_path))
+        except CorruptEnvelope as exc:
+            return f"corrupt envelope: {exc}"
+        except OSError as exc:
+            return f"unreadable envelope: {exc.strerror}"
+        if env.id != id:
+            return f"envelope holds id {env.id}"
+        try:
+            size = os.stat(msg_path, follow_symlinks=False).st_size
+        except OSError as exc:
+            return f"unreadable data: {exc.strerror}"
+        if size != env.size:
+            return f"size mismatch: envelope says {env.size}, data is {size}"
+        return None
+
+    def _quarantine(self, src_dir: Path, name: str) -> None:
+        """Move src_dir/name into quarantine/, keeping the name (plus .N if taken)."""
+        dst = self.quarantine_dir / name
+        n = 0
+        while os.path.lexists(dst):
+            n += 1
+            dst = self.quarantine_dir / f"{name}.{n}"
+        _rename(src_dir / name, dst)
+
+
+def _read_file(path: Path) -> bytes:
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
