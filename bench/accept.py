@@ -55,6 +55,7 @@ STANDIN_CMD = f"{sys.executable} -m aiosmtpd -n -l {HOST}:{EMPATH_PORT} -c aiosm
 
 READY_TIMEOUT = 30.0  # seconds to wait for a 220 greeting after start
 STOP_TIMEOUT = 60.0  # seconds to wait for exit after SIGTERM (empath shutdown_timeout is 30)
+MESSAGE_TIMEOUT = 60.0  # seconds for one whole transaction in the latency pass
 SAMPLE_INTERVAL = 0.1  # seconds between process-tree RSS samples
 PSS_EVERY = 10  # PSS (smaps_rollup) costs the kernel a page-table walk: every 10th sample
 
@@ -743,7 +744,8 @@ async def _latency_load(
             seq = next_seq
             next_seq += 1
             try:
-                samples.append(await _send_one(port, payload, seq))
+                async with asyncio.timeout(MESSAGE_TIMEOUT):
+                    samples.append(await _send_one(port, payload, seq))
             except (OSError, SMTPReplyError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 

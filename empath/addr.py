@@ -130,6 +130,11 @@ def parse_mailbox(text: str, *, allow_utf8: bool = True) -> Mailbox:
 
     ``allow_utf8`` permits a UTF-8 local part and U-label domain (SMTPUTF8).
     """
+    try:
+        # Arguments arrive decoded with surrogateescape: invalid UTF-8 shows up here.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AddressError("address is not valid UTF-8") from None
     if len(text) > MAX_PATH:
         raise AddressError("address longer than 256 characters")
     if not allow_utf8 and not text.isascii():

@@ -77,6 +77,15 @@ def dot_stuff(body: bytes) -> bytes:
     return b"\r\n".join(stuffed) + b"\r\n.\r\n"
 
 
+def restart(d: Daemon) -> None:
+    """Start ``d`` again with a fresh log: wait_ready looks for "ready" in the log,
+    which the previous run already wrote."""
+    if d.log_path.exists():
+        n = len(list(d.workdir.glob("daemon.log.*")))
+        d.log_path.rename(d.workdir / f"daemon.log.{n + 1}")
+    d.start()
+
+
 def read_envelope(queue_dir: Path, qid: str) -> dict[str, object]:
     env = json.loads((queue_dir / f"{qid}.env").read_bytes())
     assert isinstance(env, dict)
@@ -203,7 +212,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_message(make_daemon: MakeDaemon
     assert len(acknowledged) >= KILL_AFTER
 
     # Restart on the same state directory.
-    d.start()
+    restart(d)
     queued_after, removed_tmp, quarantined = recovery_line(d.log())
     ids = set(assert_spool_consistent(d))
     assert queued_after == len(ids)
@@ -327,7 +336,7 @@ def test_fsync_rename_dirsync_precede_every_250(make_daemon: MakeDaemon,
     trace = tmp_path / "strace.out"
     d = make_daemon(start=False, workers=2)
     d.wrapper = [
-        strace, "-f", "-y", "-qq", "-ttt", "-s", "256",
+        strace, "-f", "-yy", "-qq", "-ttt", "-s", "256",
         "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,sendmsg",
         "-o", str(trace),
     ]
@@ -362,51 +371,115 @@ def test_fsync_rename_dirsync_precede_every_250(make_daemon: MakeDaemon,
 
     calls = parse_strace(trace)
     assert calls, "empty strace output"
-    spool = str(d.state_dir / "spool")
+    dir_syncs = check_syscall_order(calls, ids, d.state_dir / "spool", threads)
+    print(f"\nstrace test: 50 messages, order verified for each, {dir_syncs} dir "
+          f"fsyncs, {elapsed:.1f}s")
+
+
+def check_syscall_order(calls: list[Call], ids: list[str], spool: Path,
+                        threads: dict[int, set[int]]) -> int:
+    """Assert fsync(data, env) < rename(both) < fsync(queue/) < write(250) for each id.
+
+    Returns the number of successful queue/ fsyncs seen.
+    """
     tmp_dir, queue_dir = f"{spool}/tmp", f"{spool}/queue"
     dir_syncs = [c for c in calls
                  if c.name in ("fsync", "fdatasync") and f"<{queue_dir}>" in c.args
                  and c.result == 0]
     assert dir_syncs, "queue/ is never fsync'ed"
 
-    def one(pred: Callable[[Call], bool], what: str) -> Call:
-        found = [c for c in calls if pred(c)]
+    fsyncs = ("fsync", "fdatasync")
+    renames = ("rename", "renameat", "renameat2")
+
+    def one(names: tuple[str, ...], needles: list[str], what: str) -> Call:
+        found = [c for c in calls if c.name in names and all(n in c.args for n in needles)]
         assert len(found) == 1, f"{what}: expected one call, found {len(found)}"
         assert found[0].result == 0, f"{what} failed: {found[0]}"
         return found[0]
 
-    def is_rename(c: Call, src: str, dst: str) -> bool:
-        return c.name.startswith("rename") and f'"{src}"' in c.args and f'"{dst}"' in c.args
-
     for qid in ids:
-        fsync_msg = one(lambda c: c.name in ("fsync", "fdatasync")
-                        and f"<{tmp_dir}/{qid}.msg>" in c.args, f"fsync of {qid}.msg")
-        fsync_env = one(lambda c: c.name in ("fsync", "fdatasync")
-                        and f"<{tmp_dir}/{qid}.env>" in c.args, f"fsync of {qid}.env")
-        ren_msg = one(lambda c: is_rename(c, f"{tmp_dir}/{qid}.msg", f"{queue_dir}/{qid}.msg"),
+        fsync_msg = one(fsyncs, [f"<{tmp_dir}/{qid}.msg>"], f"fsync of {qid}.msg")
+        fsync_env = one(fsyncs, [f"<{tmp_dir}/{qid}.env>"], f"fsync of {qid}.env")
+        ren_msg = one(renames, [f'"{tmp_dir}/{qid}.msg"', f'"{queue_dir}/{qid}.msg"'],
                       f"rename of {qid}.msg")
-        ren_env = one(lambda c: is_rename(c, f"{tmp_dir}/{qid}.env", f"{queue_dir}/{qid}.env"),
+        ren_env = one(renames, [f'"{tmp_dir}/{qid}.env"', f'"{queue_dir}/{qid}.env"'],
                       f"rename of {qid}.env")
         reply = [c for c in calls
                  if c.name in ("write", "writev", "sendto", "sendmsg")
-                 and re.match(r"\d+<TCP", c.args) and f"queued as {qid}" in c.args]
+                 and re.match(r"\d+<TCP(v6)?:\[", c.args) and f"queued as {qid}" in c.args]
         assert len(reply) == 1, f"250 for {qid} written {len(reply)} times"
         write_250 = reply[0]
-        assert fsync_msg.end < ren_msg.start, f"{qid}: data renamed before its fsync"
-        assert fsync_env.end < ren_env.start, f"{qid}: envelope renamed before its fsync"
+        assert fsync_msg.end < ren_msg.start, f"{qid}: data renamed before its fsync returned"
+        assert fsync_env.end < ren_env.start, f"{qid}: envelope renamed before its fsync returned"
         renamed = max(ren_msg.end, ren_env.end)
-        # A directory fsync that started after both renames and returned before the
-        # 250 was written, in the same process.
+        # A directory fsync of the same process that started after both renames and
+        # returned before the 250 was written.
+        process = threads.get(write_250.pid, {write_250.pid})
         covering = [s for s in dir_syncs
-                    if s.pid in threads[write_250.pid]
-                    and s.start > renamed and s.end < write_250.start]
+                    if s.pid in process and s.start > renamed and s.end < write_250.start]
         assert covering, (
-            f"{qid}: no fsync of queue/ between its renames (line {renamed}) and its "
-            f"250 (line {write_250.start})"
+            f"{qid}: no fsync of queue/ between its renames (line {renamed + 1}) and its "
+            f"250 (line {write_250.start + 1})"
         )
-        assert write_250.start > max(fsync_msg.end, fsync_env.end)
-    print(f"\nstrace test: 50 messages, order verified for each, {len(dir_syncs)} dir "
-          f"fsyncs, {elapsed:.1f}s")
+    return len(dir_syncs)
+
+
+_FAKE_ID = "01M89E1XCMZ0KMM1MN2F2HH593"
+
+
+def _fake_trace(order: list[str]) -> str:
+    """A minimal strace -f -yy -ttt log of one commit, lines in the given order."""
+    sp = "/s/spool"
+    q = _FAKE_ID
+    lines = {
+        "write_msg": f"write(11<{sp}/tmp/{q}.msg>, \"Received: ...\", 207) = 207",
+        "fsync_msg": f"fsync(11<{sp}/tmp/{q}.msg>) = 0",
+        "fsync_env_start": f"fsync(13<{sp}/tmp/{q}.env> <unfinished ...>",
+        "fsync_env_end": "<... fsync resumed>) = 0",
+        "rename_msg": f'rename("{sp}/tmp/{q}.msg", "{sp}/queue/{q}.msg") = 0',
+        "rename_env": f'rename("{sp}/tmp/{q}.env", "{sp}/queue/{q}.env") = 0',
+        "fsync_dir": f"fsync(7<{sp}/queue>) = 0",
+        "reply": (f'sendto(8<TCP:[127.0.0.1:2525->127.0.0.1:4000]>, '
+                  f'"250 2.0.0 Ok: queued as {q}\\r\\n", 52, 0, NULL, 0) = 52'),
+    }
+    tid = {"fsync_dir": 101, "reply": 100}
+    return "".join(f"{tid.get(k, 102)} 1700000000.{i:06d} {lines[k]}\n"
+                   for i, k in enumerate(order))
+
+
+@pytest.mark.parametrize("order, problem", [
+    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
+      "rename_env", "fsync_dir", "reply"], None),
+    (["write_msg", "fsync_msg", "fsync_env_start", "rename_msg", "fsync_env_end",
+      "rename_env", "fsync_dir", "reply"], None),
+    (["write_msg", "rename_msg", "fsync_msg", "fsync_env_start", "fsync_env_end",
+      "rename_env", "fsync_dir", "reply"], "data renamed before its fsync"),
+    (["write_msg", "fsync_msg", "fsync_env_start", "rename_msg", "rename_env",
+      "fsync_env_end", "fsync_dir", "reply"], "envelope renamed before its fsync"),
+    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
+      "fsync_dir", "rename_env", "reply"], "no fsync of queue/"),
+    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
+      "rename_env", "reply", "fsync_dir"], "no fsync of queue/"),
+    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
+      "rename_env", "fsync_dir"], "250 for"),
+])
+def test_syscall_order_checker_catches_bad_orders(tmp_path: Path, order: list[str],
+                                                  problem: str | None) -> None:
+    """The strace check above can fail: it flags each wrong order on a synthetic trace."""
+    trace = tmp_path / "trace"
+    trace.write_text(_fake_trace(order))
+    calls = parse_strace(trace)
+    threads = {100: {100, 101, 102}, 101: {100, 101, 102}, 102: {100, 101, 102}}
+    if problem is None:
+        assert check_syscall_order(calls, [_FAKE_ID], Path("/s/spool"), threads) == 1
+    else:
+        with pytest.raises(AssertionError, match=re.escape(problem)):
+            check_syscall_order(calls, [_FAKE_ID], Path("/s/spool"), threads)
+    # A queue/ fsync by another process does not count for this worker.
+    if problem is None:
+        other = {100: {100}, 101: {101, 102}, 102: {101, 102}}
+        with pytest.raises(AssertionError, match="no fsync of queue/"):
+            check_syscall_order(calls, [_FAKE_ID], Path("/s/spool"), other)
 
 
 def threads_by_process(pids: list[int]) -> dict[int, set[int]]:
@@ -465,7 +538,7 @@ def test_enospc_during_data_gives_451_and_leaves_nothing(make_daemon: MakeDaemon
 
             # Below min_free_space, MAIL is refused before any data is taken.
             d.config["limits"] = {"min_free_space": 2 * 1024 * 1024}
-            d.start()
+            restart(d)
 
             async def mail() -> tuple[int, str]:
                 c = await RawClient.connect(d.smtp_port, "min_free_space")
@@ -524,7 +597,7 @@ def test_recovery_quarantines_damaged_entries(make_daemon: MakeDaemon) -> None:
     (spool / "tmp" / f"{new_message_id()}.msg").write_bytes(b"half a mess")
     (spool / "tmp" / f"{new_message_id()}.env").write_bytes(b"{")
 
-    d.start()  # must become ready, not crash
+    restart(d)  # must become ready, not crash
     queued, removed_tmp, quarantined = recovery_line(d.log())
     assert (queued, removed_tmp, quarantined) == (3, 2, len(bad))
     assert list((spool / "tmp").iterdir()) == []

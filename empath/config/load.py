@@ -73,7 +73,8 @@ LIMIT_INT_KEYS = (
 LIMIT_SECONDS_KEYS = ("command_timeout", "data_timeout")
 DELIVERY_KEYS = (
     "mode", "relayhost", "nameservers", "routes", "destinations", "retry_schedule",
-    "max_queue_lifetime",
+    "max_queue_lifetime", "max_deliveries", "delay_warning", "breaker_failures",
+    "breaker_cooldown",
 )  # fmt: skip
 DELIVERY_MODES = ("mx", "relay", "hold")
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
@@ -528,10 +529,13 @@ def _delivery(v: _Validator, raw: Any) -> DeliveryConfig:
         if schedule is not None:
             values["retry_schedule"] = schedule
 
-    if "max_queue_lifetime" in m:
-        lifetime = v.integer(m["max_queue_lifetime"], "delivery.max_queue_lifetime")
-        if lifetime is not None:
-            values["max_queue_lifetime"] = lifetime
+    for key in ("max_queue_lifetime", "max_deliveries", "breaker_failures", "breaker_cooldown"):
+        if key in m:
+            number = v.integer(m[key], f"delivery.{key}")
+            if number is not None:
+                values[key] = number
+    if m.get("delay_warning") is not None:
+        values["delay_warning"] = v.integer(m["delay_warning"], "delivery.delay_warning")
     return DeliveryConfig(**values)
 
 

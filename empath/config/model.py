@@ -71,6 +71,14 @@ class DeliveryConfig:
     destinations: dict[str, DestinationPolicy] = field(default_factory=dict)
     retry_schedule: tuple[int, ...] = (60, 300, 900, 1800, 3600)
     max_queue_lifetime: int = 432_000
+    # Deliveries in flight at once, over all destinations.
+    max_deliveries: int = 20
+    # Send a delay warning (RFC 3464 "delayed") once a message is this old; None = never.
+    delay_warning: int | None = None
+    # Circuit breaker per next-hop host: open after this many consecutive connection
+    # failures, probe again after the cooldown (seconds).
+    breaker_failures: int = 5
+    breaker_cooldown: int = 300
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -236,6 +237,28 @@ class Supervisor:
             task.cancel()
 
 
+def _lock_state_dir(state_dir: Path) -> int | None:
+    """Hold an exclusive lock on ``state_dir/empath.lock`` for the process's life.
+
+    Two daemons on one spool would delete each other's files in flight at recovery.
+    The descriptor is inherited by nobody (O_CLOEXEC) and released by the kernel at exit.
+    """
+    path = state_dir / "empath.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        log.error("cannot open lock file %s: %s", path, exc.strerror)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        log.error("another empath is already running on state_dir %s (%s is locked)",
+                  state_dir, path)
+        return None
+    return fd
+
+
 def run(config_path: Path) -> int:
     """``empath run``: returns the process exit status."""
     setup_logging("info")
@@ -255,6 +278,9 @@ def run(config_path: Path) -> int:
     except StateDirError as exc:
         log.error("state_dir: %s", exc)
         return EXIT_CONFIG
+    lock = _lock_state_dir(config.state_dir)
+    if lock is None:
+        return 1
     spool = Spool(config.spool_dir)
     try:
         spool.prepare()

@@ -57,6 +57,10 @@ async def read_data(
     error: OSError | None = None
     readuntil = reader.readuntil
     in_long_line = False
+    # The terminator is "." CRLF *after a CRLF*: a "." line that follows a bare LF
+    # (``\n.\r\n``) must not end the data, or what follows would be read as commands.
+    # ``tail`` holds the last two octets consumed, across drained long-line pieces.
+    tail = b"\r\n"
     while True:
         try:
             line = await readuntil(b"\n")
@@ -64,17 +68,19 @@ async def read_data(
             # Longer than the stream limit: drain it and remember. What follows is
             # the tail of the same line, which must never be taken for "." (that
             # would end DATA early and let the rest be read as commands).
-            await reader.readexactly(exc.consumed)
+            tail = (tail + await reader.readexactly(exc.consumed))[-2:]
             if outcome is DataOutcome.OK:
                 outcome = DataOutcome.LINE_TOO_LONG
             size += exc.consumed
             in_long_line = True
             continue
+        after_crlf = tail == b"\r\n"
+        tail = (tail + line)[-2:]
         if in_long_line:
             in_long_line = False
             size += len(line)
             continue
-        if line == b".\r\n":
+        if line == b".\r\n" and after_crlf:
             break
         if line[:1] == b".":
             line = line[1:]

@@ -207,7 +207,14 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             return
         arg = arg_b.strip().decode("utf-8", "surrogateescape") if arg_b.strip() else None
         self._reset_timeout()
-        await handler(arg)
+        try:
+            await handler(arg)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            # A bug must cost one command, not the session (and never silence).
+            log.exception("internal error handling %s from %s", verb, self.client_ip)
+            await self.push("451 4.3.0 Error: internal error, try again later")
 
     # ---- commands ----------------------------------------------------------------
 

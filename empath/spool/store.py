@@ -279,14 +279,21 @@ class Spool:
             try:
                 await loop.run_in_executor(self._pool, self._write_pair, writer, env_bytes)
             except Exception as exc:
+                # _write_pair undid its own work; this also covers it never having run
+                # (pool shut down).
                 writer._state = "aborted"
+                writer._close()
+                _unlink_quietly(writer.path)
                 raise _spool_error(exc, f"cannot commit message {id}") from exc
             try:
                 await self._queue_dir_synced()
             except Exception as exc:
                 # The names may or may not be durable; the client will get a 4xx and
                 # retry, so take the message back out rather than deliver it twice.
-                await loop.run_in_executor(self._pool, self._unlink_committed, id)
+                try:
+                    await loop.run_in_executor(self._pool, self._unlink_committed, id)
+                except RuntimeError:  # pool shut down meanwhile
+                    self._unlink_committed(id)
                 writer._state = "aborted"
                 raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
             writer._state = "committed"
@@ -308,8 +315,10 @@ class Spool:
                 writer._buf.clear()
             env_fd = os.open(tmp_env, _CREATE_FLAGS, FILE_MODE)
             _write_all(env_fd, env_bytes)
-            # Both files are written before the first fsync: on a journaling fs the
-            # first fsync then commits both, and the second one finds little to do.
+            # The envelope file exists before the first fsync, so its inode and name
+            # ride in the journal commit that fsync forces; its own fsync then only
+            # adds its data. fsync(file) before rename: a name must never become
+            # durable before the bytes it names.
             _fsync(writer._fd)
             _fsync(env_fd)
             writer._close()
@@ -363,7 +372,12 @@ class Spool:
         self._sync_next = None
         self._sync_running = fut
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(self._dir_pool, self._sync_dir, self.queue_dir)
+        try:
+            cf = loop.run_in_executor(self._dir_pool, self._sync_dir, self.queue_dir)
+        except RuntimeError as exc:  # pool shut down: fail the waiters, don't hang them
+            self._sync_running = None
+            fut.set_exception(OSError(errno.ESHUTDOWN, f"spool closed: {exc}"))
+            return
 
         def done(f: asyncio.Future[None]) -> None:
             if f.cancelled():
@@ -509,9 +523,10 @@ class Spool:
         for entry in tmp_entries:
             if entry.is_dir(follow_symlinks=False):
                 # Nothing we write is a directory; don't rmtree what we don't know.
+                reason = "unexpected directory in tmp/"
                 self._quarantine(self.tmp_dir, entry.name)
-                quarantined.append((entry.name, "unexpected directory in tmp/"))
-                log.warning("spool: quarantined tmp/%s: unexpected directory", entry.name)
+                quarantined.append((entry.name, reason))
+                log.warning("spool: quarantined %s: %s", entry.name, reason)
             else:
                 os.unlink(entry.path)
                 removed_tmp += 1
@@ -529,7 +544,8 @@ class Spool:
                 reason = "unexpected file name" if regular else "not a regular file"
                 self._quarantine(self.queue_dir, name)
                 quarantined.append((name, reason))
-                log.warning("spool: quarantined %s: %s", name, reason, extra={"QUEUE_ID": stem})
+                extra = {"QUEUE_ID": stem} if is_message_id(stem) else None
+                log.warning("spool: quarantined %s: %s", name, reason, extra=extra)
 
         ids: list[str] = []
         for id in sorted(pairs):
