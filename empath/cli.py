@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args: argparse.REMAINDER does not take a leading option such as
+    # ``sendmail -t``; only the not-yet-built commands may carry unparsed arguments.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not cmd_not_yet:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     result: int = args.func(args)
     return result
 

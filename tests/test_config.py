@@ -162,9 +162,11 @@ def test_product_example_keys_are_all_known() -> None:
     )
     with pytest.raises(ConfigError) as info:
         load_config_text(text)
-    assert all("not supported yet" in i.message for i in info.value.issues)
-    assert {i.key_path for i in info.value.issues} == {
-        "delivery.mode",
+    got = {i.key_path: i.message for i in info.value.issues}
+    # The block's local domain has no route while mode is mx: refused (it would loop).
+    assert "'example.com' has no delivery.routes entry" in got.pop("local_domains")
+    assert all("not supported yet" in m for m in got.values())
+    assert set(got) == {
         "submission.users_file",
         "control.socket",
         "metrics.listen",
@@ -636,9 +638,26 @@ def test_routes_validated_before_refused() -> None:
             "or give an absolute socket path (lmtp:/run/dovecot/lmtp)"
         )
     }
-    # Syntactically fine: then it is the "not supported yet" refusal.
-    got = messages(delivery={"routes": {"B.example.": "smtp:x.example"}})
-    assert got == {"delivery.routes": "not supported yet; remove the key or leave it empty"}
+    # Syntactically fine: kept in canonical form (domain normalised, port explicit
+    # only when given).
+    cfg = load(delivery={"routes": {"B.example.": "smtp:x.example", "c.example": "smtp:[::1]:26"}})
+    assert cfg.delivery.routes == {"b.example": "smtp:x.example", "c.example": "smtp:[::1]:26"}
+
+
+def test_local_domain_needs_a_route_when_delivering() -> None:
+    got = messages(local_domains=["a.example", "b.example"],
+                   delivery={"mode": "mx", "routes": {"a.example": "maildir:/var/mail/a"}})
+    assert got == {"local_domains": (
+        "'b.example' has no delivery.routes entry; with mode 'mx' mail accepted for it "
+        "would loop back or bounce (add e.g. 'b.example: maildir:/var/mail/b.example' "
+        "or an lmtp: route)")}
+    # hold delivers nothing, so nothing can loop.
+    assert load(local_domains=["b.example"], delivery={"mode": "hold"}).local_domains == {
+        "b.example"}
+    cfg = load(local_domains=["a.example"],
+               delivery={"mode": "mx", "mx_port": 2526,
+                         "routes": {"a.example": "lmtp:127.0.0.1:24"}})
+    assert cfg.delivery.mx_port == 2526
 
 
 def test_routes_duplicate_domain_spellings() -> None:
@@ -709,11 +728,6 @@ def test_dkim_modules_metrics_control_syntax() -> None:
 
 
 UNSUPPORTED_EXAMPLES: dict[str, dict[str, Any]] = {
-    "delivery.mode": {"delivery": {"mode": "mx"}},
-    "delivery.relayhost": {"delivery": {"mode": "relay", "relayhost": "smarthost.example:587"}},
-    "delivery.nameservers": {"delivery": {"nameservers": ["127.0.0.1:5353"]}},
-    "delivery.routes": {"delivery": {"routes": {"example.test": "smtp:127.0.0.1:2626"}}},
-    "delivery.destinations": {"delivery": {"destinations": {"example.com": {"tls": "verify"}}}},
     "submission.users_file": {"submission": {"users_file": "/etc/empath/users"}},
     "dkim": {"dkim": {"example.com": {"selector": "s1", "key": "/etc/empath/dkim/k"}}},
     "control.socket": {"control": {"socket": "/run/empath/control.sock"}},
@@ -738,9 +752,20 @@ def test_not_supported_yet(key_path: str) -> None:
     assert all("not supported yet" in m for m in by_path.values())
 
 
-def test_relay_mode_message_names_the_value() -> None:
-    got = messages(delivery={"mode": "relay", "relayhost": "smarthost.example"})
-    assert got["delivery.mode"].startswith("'relay' is not supported yet")
+def test_delivery_keys_are_built() -> None:
+    """Delivery landed: its keys load and are kept, none is refused."""
+    cfg = load(delivery={
+        "mode": "relay", "relayhost": "smarthost.example:587",
+        "nameservers": ["127.0.0.1:5353"],
+        "routes": {"example.test": "smtp:127.0.0.1:2626"},
+        "destinations": {"example.com": {"tls": "verify", "max_connections": 5, "rate": 10}},
+    })
+    d = cfg.delivery
+    assert (d.mode, d.relayhost, d.nameservers) == ("relay", "smarthost.example:587",
+                                                    ("127.0.0.1:5353",))
+    assert d.routes == {"example.test": "smtp:127.0.0.1:2626"}
+    assert d.destinations["example.com"].tls == "verify"
+    assert d.destinations["example.com"].max_connections == 5
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             },
             "retry_schedule": list(delivery.retry_schedule),
             "max_queue_lifetime": delivery.max_queue_lifetime,
+            "max_deliveries": delivery.max_deliveries,
+            "delay_warning": delivery.delay_warning,
+            "breaker_failures": delivery.breaker_failures,
+            "breaker_cooldown": delivery.breaker_cooldown,
+            "mx_port": delivery.mx_port,
         },
         "control": {
             "socket": _path(cfg.control.socket),

@@ -41,15 +41,6 @@ class Unsupported(NamedTuple):
 
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
-    Unsupported(
-        "delivery.mode",
-        lambda mode: mode != "hold",
-        "{value!r} is not supported yet; only 'hold' (mail stays queued) works in this version",
-    ),
-    Unsupported("delivery.relayhost", _is_set),
-    Unsupported("delivery.nameservers", _is_set),
-    Unsupported("delivery.routes", _is_set),
-    Unsupported("delivery.destinations", _is_set),
     Unsupported("submission.users_file", _is_set),
     Unsupported("dkim", _is_set),
     Unsupported("control.socket", _is_set),

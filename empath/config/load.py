@@ -74,7 +74,7 @@ LIMIT_SECONDS_KEYS = ("command_timeout", "data_timeout")
 DELIVERY_KEYS = (
     "mode", "relayhost", "nameservers", "routes", "destinations", "retry_schedule",
     "max_queue_lifetime", "max_deliveries", "delay_warning", "breaker_failures",
-    "breaker_cooldown",
+    "breaker_cooldown", "mx_port",
 )  # fmt: skip
 DELIVERY_MODES = ("mx", "relay", "hold")
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
@@ -534,6 +534,10 @@ def _delivery(v: _Validator, raw: Any) -> DeliveryConfig:
             number = v.integer(m[key], f"delivery.{key}")
             if number is not None:
                 values[key] = number
+    if "mx_port" in m:
+        port = v.integer(m["mx_port"], "delivery.mx_port", maximum=65535)
+        if port is not None:
+            values["mx_port"] = port
     if m.get("delay_warning") is not None:
         values["delay_warning"] = v.integer(m["delay_warning"], "delivery.delay_warning")
     return DeliveryConfig(**values)
@@ -637,6 +641,7 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
         source=source,
         **{k: x for k, x in extra.items() if x is not None},
     )
+    _check_local_routes(v, cfg)
     # Syntax first, then the feature table: a key that is both malformed and
     # unsupported gets the more useful syntax message only.
     for key_path, message in unsupported_settings(cfg):
@@ -645,6 +650,27 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
     if v.issues:
         raise ConfigError(sorted(v.issues, key=_document_order))
     return cfg
+
+
+def _check_local_routes(v: _Validator, cfg: Config) -> None:
+    """Every local domain needs a route once mail is delivered (mode mx or relay).
+
+    Without one, mail accepted for it would be sent to its MX — ourselves — and
+    bounce as a loop, or go to the relayhost and come back: either way the sender
+    gets backscatter for mail we said 250 to. Postfix delivers $mydestination
+    locally; empath has no local delivery agent of its own, so the route says where
+    (maildir:, lmtp: to Dovecot, smtp: to a mailbox server).
+    """
+    if cfg.delivery.mode == "hold" or v.has_issue_under("local_domains"):
+        return
+    for domain in sorted(cfg.local_domains):
+        if domain not in cfg.delivery.routes:
+            v.error(
+                "local_domains",
+                f"{domain!r} has no delivery.routes entry; with mode {cfg.delivery.mode!r} "
+                "mail accepted for it would loop back or bounce (add e.g. "
+                f"'{domain}: maildir:/var/mail/{domain}' or an lmtp: route)",
+            )
 
 
 def _document_order(issue: ConfigIssue) -> int:

@@ -61,8 +61,10 @@ class Supervisor:
         spool: Spool,
         *,
         config_path: Path | None,
+        socket_activated: bool = False,
     ) -> None:
         self.config = config
+        self.socket_activated = socket_activated
         self.config_text = config_text
         self.config_path = config_path
         self.listeners = listeners
@@ -72,6 +74,16 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.queued = 0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _listening_pairs(self) -> list[tuple[str, int]]:
+        """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
+        pairs = []
+        for ls in self.listeners:
+            with contextlib.suppress(OSError):
+                addr = ls.sock.getsockname()
+                if isinstance(addr, tuple):
+                    pairs.append((str(addr[0]), int(addr[1])))
+        return pairs
 
     # ---- workers -----------------------------------------------------------------
 
@@ -181,7 +193,7 @@ class Supervisor:
 
     # ---- main --------------------------------------------------------------------
 
-    async def run(self) -> int:
+    async def run(self, recovered: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -213,10 +225,27 @@ class Supervisor:
             )
         await stop_wait
         log.info("shutting down")
+        self._stop_listening()
         await self._stop_workers()
         self.spool.close()
         log.info("stopped")
         return 0
+
+    def _stop_listening(self) -> None:
+        """Refuse new connections at once, in every process, when the sockets are ours.
+
+        Closing our descriptors is not enough: a worker finishing a DATA phase still
+        holds the listening socket, so the kernel would go on completing handshakes
+        into a backlog nobody accepts from. ``shutdown(SHUT_RD)`` acts on the socket
+        itself, for all its holders: pending and new clients get a reset. Sockets
+        handed over by systemd are left alone — they belong to the socket unit, and
+        connections waiting in them during a restart are served by the next start.
+        """
+        if self.socket_activated:
+            return
+        for ls in self.listeners:
+            with contextlib.suppress(OSError):
+                ls.sock.shutdown(socket.SHUT_RD)
 
     async def _stop_workers(self) -> None:
         workers = list(self.workers.values())
@@ -294,6 +323,7 @@ def run(config_path: Path) -> int:
     )
     try:
         listeners = from_systemd()
+        activated = listeners is not None
         if listeners is None:
             if not config.listen:
                 log.error("listen: no listeners configured and not socket-activated")
@@ -304,5 +334,6 @@ def run(config_path: Path) -> int:
     except ListenerError as exc:
         log.error("%s", exc)
         return 1
-    supervisor = Supervisor(config, text, listeners, spool, config_path=config_path)
-    return asyncio.run(supervisor.run())
+    supervisor = Supervisor(config, text, listeners, spool, config_path=config_path,
+                            socket_activated=activated)
+    return asyncio.run(supervisor.run(report.ids))

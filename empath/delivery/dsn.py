@@ -17,8 +17,8 @@ The notification policy lives here too, so every caller applies the same rules:
 Conventions this module assumes of the spool record (``empath.spool.envelope``):
 ``Recipient.orcpt`` and ``Envelope.envid`` hold the ESMTP parameter values as
 received, i.e. still xtext-encoded (``rfc822;a+2Bb@example.com``), because that is
-the form they are passed on to the next hop in. The report decodes them (RFC 3461
-§6.3 wants the decoded address in ``Original-Recipient``).
+the form they are passed on to the next hop in. The report shows them decoded,
+as Postfix does: a reader wants the address, not its ESMTP encoding.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from empath.delivery.types import RcptResult
 from empath.spool.envelope import Envelope, Recipient
 
 __all__ = [
+    "DOUBLE_BOUNCE",
     "DSN_METADATA_KEY",
     "MAX_FULL_RETURN",
     "MAX_HEADER_RETURN",
@@ -61,9 +62,11 @@ MAX_FULL_RETURN = 10 * 1024 * 1024
 MAX_HEADER_RETURN = 256 * 1024
 
 # Key in ``Envelope.metadata`` marking a message as a DSN we generated, with the
-# value "failure", "delay" or "double-bounce". Metadata never comes from the wire,
-# so the mark cannot be forged by a client, unlike any header would be.
+# value "failure", "delay" or DOUBLE_BOUNCE (the queue manager uses the same
+# names). Metadata never comes from the wire, so unlike a header the mark cannot
+# be forged by a client.
 DSN_METADATA_KEY = "dsn"
+DOUBLE_BOUNCE = "double"
 
 # RFC 5322 §2.1.1: at most 998 octets per line, CRLF excluded.
 _MAX_LINE = 998
@@ -122,36 +125,35 @@ def bounce_recipient(
     """Who gets a DSN about ``envelope``'s recipients, or None for nobody.
 
     * Normally the original envelope sender.
-    * The null sender (the failed message was itself a bounce or an auto-reply):
-      never a bounce back, because there is no one to send it to and bouncing
-      bounces is how mail loops start.
-    * Double bounce: when the message that failed is a *failure* DSN we generated
-      ourselves (``Envelope.metadata[DSN_METADATA_KEY]`` is "failure" or "delay"),
-      the sender never learns that their mail failed. That is worth a human's
-      attention, so — as Postfix does with ``2bounce`` — a failure notice goes to
-      ``postmaster`` instead (pass the configured address). The notice itself is
-      marked "double-bounce" (``dsn_metadata``); if *it* fails, nobody is told,
-      which ends the chain. Delay warnings about our own DSNs are not sent.
-    * A foreign null-sender message (a bounce some other MTA generated, relayed
-      through us) that fails is dropped silently: telling postmaster about every
-      undeliverable piece of backscatter would bury the useful double bounces.
+    * Never the null sender: the failed message was itself a bounce (or another
+      automatic message), and bouncing bounces is how mail loops start. Without
+      ``postmaster`` the answer for it is None.
+    * Double bounce: a failed null-sender message means some sender will never
+      learn what happened to their mail. That deserves a human's attention, so —
+      as Postfix does for ``2bounce`` — a failure notice goes to ``postmaster``
+      (pass the configured address) instead. It is queued from the null sender
+      too, marked ``{DSN_METADATA_KEY: DOUBLE_BOUNCE}`` (see ``dsn_metadata``);
+      if that notice fails in turn, nobody is told: the chain ends there, after
+      at most one message to the postmaster. Delays of null-sender mail are
+      never reported (``kind="delay"`` gives None).
     """
     if envelope.sender != "":
         return envelope.sender
-    ours = envelope.metadata.get(DSN_METADATA_KEY)
-    if kind == "failure" and ours in ("failure", "delay") and postmaster:
-        return postmaster
-    return None
+    if kind != "failure" or not postmaster:
+        return None
+    if envelope.metadata.get(DSN_METADATA_KEY) == DOUBLE_BOUNCE:
+        return None
+    return postmaster
 
 
 def dsn_metadata(failed: Envelope, kind: DsnKind) -> dict[str, str]:
     """The ``Envelope.metadata`` to queue a DSN about ``failed`` with.
 
-    It marks the DSN as ours so that ``bounce_recipient`` can apply the
-    double-bounce rule when the DSN itself fails.
+    It marks the DSN as ours — ``kind``, or DOUBLE_BOUNCE when ``failed`` had the
+    null sender — so that ``bounce_recipient`` ends the chain if it fails.
     """
     if failed.sender == "":
-        return {DSN_METADATA_KEY: "double-bounce"}
+        return {DSN_METADATA_KEY: DOUBLE_BOUNCE}
     return {DSN_METADATA_KEY: kind}
 
 
@@ -186,25 +188,28 @@ def build_dsn(
 
     ``original`` is the queued message, as bytes or as a binary stream positioned
     at its start; only the header is read unless ``RET=FULL`` applies, and never
-    more than ``max_full_return`` + 1 bytes. ``recipient`` overrides the DSN's
-    ``To:`` (default: the original sender; pass postmaster for a double bounce).
+    more than ``max_full_return`` + 1 bytes. ``recipient`` is the DSN's ``To:``
+    (default: the original sender; for a double bounce pass the configured
+    postmaster — ``bounce_recipient`` — else ``postmaster@hostname`` is used).
     ``will_retry_until`` is when a delayed message expires (delay DSNs only).
 
-    Raises ValueError when there is nothing to report or nobody to report it to.
+    Queue the result from ``bounce_envelope_sender()`` with ``dsn_metadata`` and
+    the ``transport_flags``. Raises ValueError when there is nothing to report.
     """
     if kind not in ("failure", "delay"):
         raise ValueError(f"unknown DSN kind {kind!r}")
     if not results:
         raise ValueError("a DSN needs at least one recipient result")
-    to = envelope.sender if recipient is None else recipient
-    to = _clean(to)
+    if recipient is None:
+        # A DSN about a null-sender message can only be a double bounce, which
+        # is for the postmaster; without the configured address, this host's
+        # postmaster (which RFC 5321 §4.5.1 requires to exist) is named.
+        recipient = envelope.sender or f"postmaster@{hostname}"
+    to = _clean(recipient)
     if not to:
-        # The null sender has no mailbox; callers must ask bounce_recipient first.
-        raise ValueError("no recipient for the DSN (null sender)")
+        raise ValueError("empty recipient for the DSN")
 
-    stream: BinaryIO = (
-        io.BytesIO(original) if isinstance(original, bytes | bytearray) else original
-    )
+    stream: BinaryIO = io.BytesIO(original) if isinstance(original, bytes | bytearray) else original
     # RFC 3461 §4.3: RET governs "failed" DSNs; delay warnings carry headers only.
     want_full = kind == "failure" and envelope.ret == "FULL"
     returned = _read_original(
@@ -336,11 +341,11 @@ def _read_header(stream: BinaryIO) -> bytes:
             break
         if at_line_start and line in (b"\r\n", b"\n"):
             break
+        if at_line_start and line[:1] not in (b" ", b"\t"):
+            field_start = len(out)
         if len(out) + len(line) > MAX_HEADER_RETURN:
             del out[field_start:]
             break
-        if at_line_start and line[:1] not in (b" ", b"\t"):
-            field_start = len(out)
         out += line
         at_line_start = line.endswith(b"\n")
     if out and not out.endswith(b"\n"):
@@ -587,6 +592,9 @@ def _lines(lines: Iterable[str]) -> bytes:
 
 
 def _date(t: float) -> str:
+    # Clamped to years 1970..9999: a damaged but finite time in an envelope must
+    # not make the bounce impossible to build (datetime refuses other years).
+    t = min(max(t, 0.0), 253402300799.0)
     # "+0000", not "-0000": we know the time is UTC (RFC 5322 §3.3).
     return format_datetime(datetime.fromtimestamp(t, tz=UTC))
 
