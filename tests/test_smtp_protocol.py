@@ -475,7 +475,8 @@ def test_syntax_errors(plain: Daemon) -> None:
             ("RCPT TO:<bad>", 501, "5.1.3"),
             ("RCPT TO:<>", 501, "5.1.3"),
             ("RCPT TO:x@test.example", 501, "5.5.4"),
-            ("RCPT TO:<x@test.example> NOTIFY=NEVER", 555, "5.5.4"),
+            ("RCPT TO:<x@test.example> FROB=1", 555, "5.5.4"),
+            ("RCPT TO:<x@test.example> NOTIFY=NEVER,SUCCESS", 501, "5.5.4"),
             ("RCPT TO:<x@test.example>", 250, "2.1.5"),
             ("DATA junk", 501, "5.5.4"),
         ]

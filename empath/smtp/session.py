@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from empath.addr import Mailbox
 from empath.smtp.data import DataOutcome, read_data
+from empath.smtp.dsnparams import parse_envid, parse_notify, parse_orcpt, parse_ret
 from empath.smtp.parse import PathArgs, ReplyError, parse_path_args
 from empath.smtp.policy import decide_rcpt, in_networks
 from empath.smtp.replies import ensure_enhanced
@@ -52,14 +53,26 @@ class _NoHandler:
     """aiosmtpd wants a handler object; all behaviour lives in the session itself."""
 
 
+@dataclass(frozen=True, slots=True)
+class RcptDsn:
+    """A recipient's RFC 3461 parameters, as they go into the spool record."""
+
+    notify: tuple[str, ...] | None = None  # upper-case NOTIFY values
+    orcpt: str | None = None  # ORCPT as received: "rfc822;<xtext>" or "utf-8;<...>"
+
+
 @dataclass(slots=True)
 class Transaction:
     sender: str  # "" for <>
     body: str  # 7BIT | 8BITMIME
     smtputf8: bool
     size_declared: int | None
+    ret: str | None = None  # RFC 3461 RET, upper-case
+    envid: str | None = None  # RFC 3461 ENVID, still xtext-encoded
     recipients: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    # RFC 3461 NOTIFY and ORCPT per accepted recipient; a repeated RCPT keeps the first.
+    rcpt_dsn: dict[str, RcptDsn] = field(default_factory=dict)
 
 
 def _recipient_key(mailbox: Mailbox) -> str:
@@ -242,6 +255,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
@@ -311,10 +325,37 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 return "552 5.3.4 Message size exceeds fixed maximum message size"
         # AUTH=<> may be sent by any client; it carries no authority here (RFC 4954 §5).
         params.pop("AUTH", None)
+        try:
+            ret = parse_ret(params.pop("RET")) if "RET" in params else None
+            envid = parse_envid(params.pop("ENVID")) if "ENVID" in params else None
+        except ReplyError as exc:
+            return exc.reply
         if params:
             return f"555 5.5.4 Unsupported MAIL parameter {next(iter(params))}"
         sender = path.mailbox.address if path.mailbox is not None else ""
-        return Transaction(sender=sender, body=body, smtputf8=smtputf8, size_declared=size)
+        return Transaction(
+            sender=sender, body=body, smtputf8=smtputf8, size_declared=size,
+            ret=ret, envid=envid,
+        )
+
+    def _rcpt_params(self, txn: Transaction, path: PathArgs) -> RcptDsn | str:
+        params = dict(path.params)
+        if not params:
+            return RcptDsn()
+        if not self.esmtp:  # DSN parameters exist only for an EHLO session
+            return f"555 5.5.4 Unsupported RCPT parameter {next(iter(params))}"
+        unknown = [k for k in params if k not in ("NOTIFY", "ORCPT")]
+        if unknown:
+            return f"555 5.5.4 Unsupported RCPT parameter {unknown[0]}"
+        try:
+            notify = parse_notify(params["NOTIFY"]) if "NOTIFY" in params else None
+            orcpt = (
+                parse_orcpt(params["ORCPT"], smtputf8=txn.smtputf8)
+                if "ORCPT" in params else None
+            )
+        except ReplyError as exc:
+            return exc.reply
+        return RcptDsn(notify=notify, orcpt=orcpt)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         txn = self.txn
@@ -332,8 +373,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         except ReplyError as exc:
             await self.push(exc.reply)
             return
-        if path.params:
-            await self.push(f"555 5.5.4 Unsupported RCPT parameter {next(iter(path.params))}")
+        dsn = self._rcpt_params(txn, path)
+        if isinstance(dsn, str):
+            await self.push(dsn)
             return
         cfg = self.cfg
         if len(txn.recipients) >= cfg.limits.max_recipients:
@@ -351,6 +393,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if address not in txn.seen:
             txn.seen.add(address)
             txn.recipients.append(address)
+            txn.rcpt_dsn[address] = dsn
         await self.push(decision.reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -427,7 +470,10 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         envelope = Envelope(
             id=writer.id,
             sender=txn.sender,
-            recipients=[Recipient(address=a) for a in txn.recipients],
+            recipients=[
+                Recipient(address=a, notify=txn.rcpt_dsn[a].notify, orcpt=txn.rcpt_dsn[a].orcpt)
+                for a in txn.recipients
+            ],
             received_at=now,
             client_addr=self.client_ip,
             client_port=self.client_port,
@@ -436,6 +482,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             authenticated=self.authenticated,
             body="8BITMIME" if (result.eight_bit or txn.body == "8BITMIME") else "7BIT",
             smtputf8=txn.smtputf8,
+            ret=txn.ret,
+            envid=txn.envid,
         )
         try:
             await self.front.spool.commit(writer, envelope)
