@@ -50,7 +50,7 @@ __all__ = [
     "transport_flags",
 ]
 
-DsnKind = Literal["failure", "delay"]
+DsnKind = Literal["failure", "delay", "success"]
 
 # RET=FULL returns the whole message only up to this size; beyond it the DSN
 # carries the headers alone. Returning a 25 MB attachment to a sender whose own
@@ -103,10 +103,10 @@ def should_notify(envelope: Envelope, recipient: Recipient, kind: DsnKind) -> bo
         return False
     notify = recipient.notify
     if notify is None:
-        return kind in ("failure", "delay")
+        return kind in ("failure", "delay")  # success only when asked for
     if "NEVER" in notify:
         return False
-    return {"failure": "FAILURE", "delay": "DELAY"}[kind] in notify
+    return {"failure": "FAILURE", "delay": "DELAY", "success": "SUCCESS"}[kind] in notify
 
 
 def bounce_envelope_sender() -> str:
@@ -196,7 +196,7 @@ def build_dsn(
     Queue the result from ``bounce_envelope_sender()`` with ``dsn_metadata`` and
     the ``transport_flags``. Raises ValueError when there is nothing to report.
     """
-    if kind not in ("failure", "delay"):
+    if kind not in ("failure", "delay", "success"):
         raise ValueError(f"unknown DSN kind {kind!r}")
     if not results:
         raise ValueError("a DSN needs at least one recipient result")
@@ -216,6 +216,8 @@ def build_dsn(
         stream, full=want_full, max_full=max_full_return, smtputf8=envelope.smtputf8
     )
 
+    if kind == "success":
+        returned.label = ""
     status_text = _delivery_status(envelope, results, kind, hostname, now, will_retry_until)
     global_status = envelope.smtputf8 or not status_text.isascii()
     human = _human_text(envelope, results, kind, hostname, now, will_retry_until, returned)
@@ -238,11 +240,11 @@ def build_dsn(
 
     boundary = _boundary(now, hostname, [content for _, content in parts])
     eight_bit = any(not content.isascii() for _, content in parts)
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if kind == "failure"
-        else "Delayed Mail (still being retried)"
-    )
+    subject = {
+        "failure": "Undelivered Mail Returned to Sender",
+        "delay": "Delayed Mail (still being retried)",
+        "success": "Successful Mail Delivery Report",
+    }[kind]
     mid_domain = message_id_domain or hostname
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
@@ -281,14 +283,15 @@ class _Returned:
     full: bool  # the whole message, not just the header
     utf8: bool  # RFC 6532 UTF-8 header: label it message/global*
     note: str | None = None  # why a requested full return was not made
+    label: str = "Undelivered "  # part description prefix; "" in a success report
 
     def part_headers(self) -> list[str]:
         if self.full:
             ctype = "message/global" if self.utf8 else "message/rfc822"
-            desc = "Undelivered Message"
+            desc = f"{self.label}Message"
         else:
             ctype = "message/global-headers" if self.utf8 else "text/rfc822-headers"
-            desc = "Undelivered Message Headers"
+            desc = f"{self.label}Message Headers"
         headers = [f"Content-Description: {desc}", f"Content-Type: {ctype}"]
         if not self.content.isascii():
             headers.append("Content-Transfer-Encoding: 8bit")
@@ -411,14 +414,18 @@ def _delivery_status(
 
     by_address = {r.address: r for r in envelope.recipients}
     by_lower = {r.address.lower(): r for r in envelope.recipients}
-    action = "failed" if kind == "failure" else "delayed"
-    default_status = "5.0.0" if kind == "failure" else "4.0.0"
+    default_status = {"failure": "5.0.0", "delay": "4.0.0", "success": "2.0.0"}[kind]
     for result in results:
         lines.append("")  # ends the previous block
         rcpt = by_address.get(result.address) or by_lower.get(result.address.lower())
         if rcpt is not None and rcpt.orcpt:
             lines += _field("Original-Recipient", _orcpt_field(rcpt.orcpt))
         lines += _field("Final-Recipient", _address_field(result.address))
+        action: str
+        if kind == "success":
+            action = result.success_action or "delivered"
+        else:
+            action = "failed" if kind == "failure" else "delayed"
         lines += _field("Action", action)
         # An expired message may well fail with a 4.x.x status (the last error
         # was temporary), so the status is reported as it is, not forced to 5.
@@ -445,7 +452,13 @@ def _human_text(
 ) -> str:
     paras: list[str] = [f"This is the mail system at host {hostname}."]
     attached = "message" if returned.full else "message's headers"
-    if kind == "failure":
+    if kind == "success":
+        paras.append(
+            "Your message was successfully delivered to the destinations listed "
+            "below (\"relayed\" means it was passed on to a system that does not "
+            f"report delivery). A delivery report and your {attached} are attached."
+        )
+    elif kind == "failure":
         paras.append(
             "Your message could not be delivered to one or more recipients. The "
             f"reasons are listed below; a delivery report and your {attached} are "

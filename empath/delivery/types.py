@@ -36,6 +36,11 @@ class RcptResult:
     code: int | None = None
     remote_mta: str | None = None
     tls: str | None = None
+    # For a delivered recipient, the RFC 3464 action a success DSN would report:
+    # "delivered" (final: maildir, LMTP), "relayed" (handed to an SMTP server that
+    # did not offer DSN), or None (the next hop took DSN over: NOTIFY was passed on,
+    # so it, not we, reports success).
+    success_action: Literal["delivered", "relayed"] | None = None
 
     @property
     def diagnostic(self) -> str:

@@ -8,7 +8,13 @@ remote ``250`` and that write is the one window in which a copy can be repeated,
 and it is as short as one fsync.
 
 In memory there is only a heap of (due time, id): the scheduler never rescans the
-disk to decide what to do next.
+disk to decide what to do next. One attempt of a message runs one transaction per
+recipient domain, concurrently; each domain's results are recorded as soon as
+they are known.
+
+Bounces: a DSN is committed to the spool *before* the bounced recipients are
+recorded as bounced, so a crash in between can at worst repeat a bounce, never
+lose one (Postfix's order too: bounce log, then queue file).
 """
 
 from __future__ import annotations
@@ -19,15 +25,25 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from empath.config.model import Config
 from empath.delivery.client import ClientSettings, ConnectionPool, deliver
 from empath.delivery.dns import DNS
-from empath.delivery.dsn import build_dsn, should_notify
+from empath.delivery.dsn import (
+    DsnKind,
+    bounce_recipient,
+    build_dsn,
+    dsn_metadata,
+    should_notify,
+    transport_flags,
+)
+from empath.delivery.hops import MAX_HOPS, received_count
 from empath.delivery.maildir import deliver_maildir
 from empath.delivery.route import OwnIdentity, Route, own_identity, resolve_route
-from empath.delivery.types import RcptResult, Target
+from empath.delivery.types import RcptResult, RcptStatus, Target
 from empath.queue.limits import Breakers, DestinationLimiter
 from empath.spool import Envelope, Recipient, Spool
 
@@ -36,14 +52,20 @@ __all__ = ["QueueManager", "QueueStats"]
 log = logging.getLogger("empath.queue")
 
 FINAL = ("delivered", "bounced")
+# Seconds before a failed removal of a finished message is tried again.
 REMOVE_RETRY = 60.0
+# Metadata key: the delay warning for this message was sent.
+DELAY_WARNED = "delay_warned"
 
 
 @dataclass
 class QueueStats:
+    """Counters since start, per recipient (for metrics and ``empathctl status``)."""
+
     delivered: int = 0
     deferred: int = 0
     bounced: int = 0
+    dsns: int = 0
     attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -51,8 +73,13 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _retry_delay(schedule: tuple[int, ...], attempts: int) -> int:
+def retry_delay(schedule: tuple[int, ...], attempts: int) -> int:
+    """Seconds to wait after the ``attempts``-th failed try; the last interval repeats."""
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def _target_key(t: Target) -> str:
+    return t.address if t.address.startswith("/") else f"{t.address}:{t.port}"
 
 
 class QueueManager:
@@ -61,12 +88,16 @@ class QueueManager:
     ) -> None:
         self.config = config
         self.spool = spool
-        self.listening = listening or []
+        self.listening = list(listening or [])
         self.own: OwnIdentity = own_identity(config, self.listening)
         self.dns = DNS(config.delivery.nameservers)
         self.pool = ConnectionPool()
+        # Runtime next-hop overrides (``empathctl route set``): domain → next hop.
         self.overrides: dict[str, str] = {}
         self.stats = QueueStats()
+        self.breakers = Breakers(
+            config.delivery.breaker_failures, float(config.delivery.breaker_cooldown)
+        )
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
@@ -74,9 +105,6 @@ class QueueManager:
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self._limiters: dict[str, DestinationLimiter] = {}
-        self.breakers = Breakers(
-            config.delivery.breaker_failures, float(config.delivery.breaker_cooldown)
-        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- configuration -----------------------------------------------------------
@@ -90,13 +118,16 @@ class QueueManager:
             self.dns = DNS(config.delivery.nameservers)
         if old.delivery.destinations != config.delivery.destinations:
             self._limiters.clear()
+        if old.delivery.max_deliveries != config.delivery.max_deliveries:
+            # Deliveries holding the old semaphore release it into the old object.
+            self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self.breakers.threshold = config.delivery.breaker_failures
         self.breakers.cooldown = float(config.delivery.breaker_cooldown)
         self._wake.set()
 
     # ---- scheduling ----------------------------------------------------------------
 
-    def load(self, ids: list[str]) -> None:
+    def load(self, ids: Iterable[str]) -> None:
         """At start: schedule every recovered message at its earliest due recipient."""
         for id in ids:
             try:
@@ -123,12 +154,11 @@ class QueueManager:
     def flush(self) -> int:
         """Deliver every queued message now (``empathctl queue flush``)."""
         now = time.time()
-        ids = list(self._due)
-        for id in ids:
+        for id in self._due:
             self._due[id] = now
             heapq.heappush(self._heap, (now, next(self._seq), id))
         self._wake.set()
-        return len(ids)
+        return len(self._due)
 
     def _next_due(self, env: Envelope) -> float | None:
         if env.held:
@@ -144,53 +174,79 @@ class QueueManager:
 
     @property
     def size(self) -> int:
+        """Messages known to the scheduler (waiting or being delivered)."""
         return len(self._due) + len(self._active)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def next_due(self, id: str) -> float | None:
+        return self._due.get(id)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """The scheduler loop: start due deliveries within ``max_deliveries``."""
         while not stopping.is_set():
-            now = time.time()
-            while self._heap and self._heap[0][0] <= now and not stopping.is_set():
+            # mode "hold": everything stays queued; a reload to mx/relay starts delivery.
+            holding = self.config.delivery.mode == "hold"
+            while not holding and self._heap and self._heap[0][0] <= time.time():
                 due, _, id = heapq.heappop(self._heap)
                 if self._due.get(id) != due or id in self._active:
                     continue  # stale heap entry, or being delivered right now
                 del self._due[id]
-                await self._sem.acquire()
+                sem = self._sem
+                await sem.acquire()
+                if stopping.is_set():
+                    sem.release()
+                    self.schedule(id, due)
+                    return
                 self._active.add(id)
-                task = asyncio.create_task(self._attempt_guarded(id))
+                task = asyncio.create_task(self._attempt_guarded(id, sem))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            timeout = max(0.0, self._heap[0][0] - time.time()) if self._heap else 60.0
+            timeout = 60.0
+            if self._heap and not holding:
+                timeout = min(timeout, max(0.0, self._heap[0][0] - time.time()))
             self._wake.clear()
             stop_wait = asyncio.ensure_future(stopping.wait())
             wake_wait = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait(
-                [stop_wait, wake_wait], timeout=min(timeout, 60.0),
-                return_when=asyncio.FIRST_COMPLETED,
+                [stop_wait, wake_wait], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             stop_wait.cancel()
             wake_wait.cancel()
 
     async def drain(self, timeout: float) -> None:
-        """At shutdown: let deliveries in flight finish (their results get recorded)."""
+        """At shutdown: let deliveries in flight finish (their results get recorded).
+
+        Whatever is still running after ``timeout`` is cancelled; its recipients keep
+        their last recorded state and are tried again at the next start.
+        """
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
         await self.pool.close()
 
-    async def _attempt_guarded(self, id: str) -> None:
+    async def _attempt_guarded(self, id: str, sem: asyncio.Semaphore) -> None:
         try:
             await self.attempt(id)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("queue: delivery of %s failed unexpectedly; retrying later", id,
                           extra={"QUEUE_ID": id})
-            self.schedule(id, time.time() + _retry_delay(self.config.delivery.retry_schedule, 1))
+            self.schedule(id, time.time() + retry_delay(self.config.delivery.retry_schedule, 1))
         finally:
             self._active.discard(id)
-            self._sem.release()
+            sem.release()
 
     # ---- one attempt -----------------------------------------------------------------
 
     async def attempt(self, id: str) -> None:
+        """Try every due recipient of message ``id`` once, and record the results."""
         try:
             env = self.spool.load(id)
         except FileNotFoundError:
@@ -198,39 +254,34 @@ class QueueManager:
         if env.held:
             return
         now = time.time()
-        cfg = self.config
         due = [
             r for r in env.recipients
             if r.state == "pending" or (r.state == "deferred" and (r.next_attempt or 0) <= now)
         ]
-        expired = now - env.received_at >= cfg.delivery.max_queue_lifetime
+        lock = asyncio.Lock()  # one envelope write at a time, in result order
         bounced: list[tuple[Recipient, RcptResult]] = []
-        if expired:
-            for r in env.recipients:
-                if r.state not in FINAL:
-                    res = RcptResult(
-                        r.address, "bounced", "4.4.7",
-                        "delivery time expired; last error: " + (r.last_error or "none"),
-                    )
-                    self._apply(env, r, res, now)
-                    bounced.append((r, res))
-            await self.spool.update_async(env)
-        else:
-            by_domain: dict[str, list[Recipient]] = defaultdict(list)
-            for r in due:
-                by_domain[_domain(r.address)].append(r)
-            for domain, rcpts in by_domain.items():
-                results = await self._deliver_domain(env, domain, rcpts)
-                for r, res in zip(rcpts, results, strict=True):
-                    self._apply(env, r, res, now)
-                    if res.status == "bounced":
-                        bounced.append((r, res))
-                # Record before anything else happens: a recipient marked delivered is
-                # never tried again, even after a crash right after this line.
-                await self.spool.update_async(env)
+        succeeded: list[tuple[Recipient, RcptResult]] = []
+        if due:
+            data_path = self.spool.queue_dir / f"{id}.msg"
+            hops = await asyncio.to_thread(received_count, data_path)
+            if hops > MAX_HOPS:
+                text = f"mail loop: message has {hops} Received: headers (limit {MAX_HOPS})"
+                bounced = [(r, RcptResult(r.address, "bounced", "5.4.6", text)) for r in due]
+            else:
+                by_domain: dict[str, list[Recipient]] = defaultdict(list)
+                for r in due:
+                    by_domain[_domain(r.address)].append(r)
+                async with asyncio.TaskGroup() as tg:
+                    for domain, rcpts in by_domain.items():
+                        tg.create_task(self._domain_attempt(
+                            env, domain, rcpts, lock, bounced, succeeded))
         if bounced:
-            await self._send_dsn(env, bounced, "failure")
-        await self._maybe_delay_warning(env, now)
+            await self._bounce(env, bounced)
+        if succeeded:
+            # NOTIFY=SUCCESS (RFC 3461): sent after the delivery is recorded; a crash
+            # in between loses this report rather than repeating the delivery.
+            await self._send_dsn(env, succeeded, "success")
+        await self._maybe_delay_warning(env, time.time())
         if all(r.state in FINAL for r in env.recipients):
             await self._remove(env.id)
         else:
@@ -238,31 +289,56 @@ class QueueManager:
             if due_next is not None:
                 self.schedule(env.id, due_next)
 
+    async def _domain_attempt(
+        self, env: Envelope, domain: str, rcpts: list[Recipient], lock: asyncio.Lock,
+        bounced: list[tuple[Recipient, RcptResult]],
+        succeeded: list[tuple[Recipient, RcptResult]],
+    ) -> None:
+        results = await self._deliver_domain(env, domain, rcpts)
+        now = time.time()
+        expired = now - env.received_at >= self.config.delivery.max_queue_lifetime
+        changed = False
+        for r, res in zip(rcpts, results, strict=True):
+            if res.status == "deferred" and expired:
+                res = RcptResult(
+                    res.address, "bounced", "4.4.7",
+                    f"delivery time expired; last error: {res.enhanced} {res.text}",
+                    res.code, res.remote_mta, res.tls,
+                )
+            if res.status == "bounced":
+                bounced.append((r, res))  # recorded after the DSN is queued
+            else:
+                self._apply(env, r, res, now)
+                changed = True
+                if res.status == "delivered" and res.success_action is not None:
+                    succeeded.append((r, res))
+        if changed:
+            # Record before anything else happens: a recipient marked delivered is
+            # never tried again, even after a crash right after this line.
+            async with lock:
+                await self.spool.update_async(env)
+
     def _apply(self, env: Envelope, r: Recipient, res: RcptResult, now: float) -> None:
-        extra = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status}
+        extra: dict[str, Any] = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status}
         r.attempts += 1
         self.stats.attempts[res.status] += 1
+        relay = res.remote_mta or "-"
         if res.status == "delivered":
-            r.state, r.next_attempt = "delivered", None
-            r.last_error = None
+            r.state, r.next_attempt, r.last_error = "delivered", None, None
             self.stats.delivered += 1
             log.info("delivered id=%s to=<%s> relay=%s tls=%s status=%s %s", env.id,
-                     r.address, res.remote_mta or "-", res.tls or "none", res.enhanced,
-                     res.text, extra=extra)
+                     r.address, relay, res.tls or "none", res.enhanced, res.text, extra=extra)
         elif res.status == "bounced":
-            r.state, r.next_attempt = "bounced", None
-            r.last_error = res.diagnostic
+            r.state, r.next_attempt, r.last_error = "bounced", None, res.diagnostic
             self.stats.bounced += 1
             log.info("bounced id=%s to=<%s> relay=%s status=%s %s", env.id, r.address,
-                     res.remote_mta or "-", res.enhanced, res.text, extra=extra)
+                     relay, res.enhanced, res.text, extra=extra)
         else:
-            delay = _retry_delay(self.config.delivery.retry_schedule, r.attempts)
-            r.state, r.next_attempt = "deferred", now + delay
-            r.last_error = res.diagnostic
+            delay = retry_delay(self.config.delivery.retry_schedule, r.attempts)
+            r.state, r.next_attempt, r.last_error = "deferred", now + delay, res.diagnostic
             self.stats.deferred += 1
             log.info("deferred id=%s to=<%s> relay=%s status=%s %s (retry in %ds)", env.id,
-                     r.address, res.remote_mta or "-", res.enhanced, res.text, delay,
-                     extra=extra)
+                     r.address, relay, res.enhanced, res.text, delay, extra=extra)
 
     async def _deliver_domain(
         self, env: Envelope, domain: str, rcpts: list[Recipient]
@@ -271,34 +347,36 @@ class QueueManager:
         route = await resolve_route(domain, cfg, self.dns, overrides=self.overrides, own=self.own)
         if route.failure is not None:
             f = route.failure
-            status = "bounced" if f.permanent else "deferred"
+            status: RcptStatus = "bounced" if f.permanent else "deferred"
             return [RcptResult(r.address, status, f.enhanced, f.text) for r in rcpts]
+        data_path = self.spool.queue_dir / f"{env.id}.msg"
+        limiter = self._limiter(domain)
         if route.kind == "maildir":
             assert route.path is not None
-            data_path = self.spool.queue_dir / f"{env.id}.msg"
-            return await asyncio.to_thread(
-                deliver_maildir, route.path, rcpts, data_path,
-                hostname=cfg.hostname, sender=env.sender,
-            )
-        policy = cfg.delivery.destinations.get(domain)
-        limiter = self._limiter(domain)
+            await limiter.acquire()
+            try:
+                return await asyncio.to_thread(
+                    deliver_maildir, route.path, rcpts, data_path,
+                    hostname=cfg.hostname, sender=env.sender,
+                )
+            finally:
+                limiter.release()
         targets = self._allowed_targets(route)
         if not targets:
             return [RcptResult(r.address, "deferred", "4.4.1",
-                               "all next hops are failing (circuit breaker open)")
+                               f"next hop {route.nexthop or domain} is failing; "
+                               "circuit breaker open, not tried")
                     for r in rcpts]
+        policy = cfg.delivery.destinations.get(domain)
         settings = ClientSettings(
             helo=cfg.hostname,
-            tls=policy.tls if policy is not None else "may",
             own_hostname=cfg.hostname,
+            tls=policy.tls if policy is not None else "may",
             lmtp=route.kind == "lmtp",
         )
         await limiter.acquire()
         try:
-            results = await deliver(
-                env, rcpts, self.spool.queue_dir / f"{env.id}.msg", targets, settings,
-                pool=self.pool,
-            )
+            results = await deliver(env, rcpts, data_path, targets, settings, pool=self.pool)
         finally:
             limiter.release()
         self._record_breaker(targets, results)
@@ -314,58 +392,74 @@ class QueueManager:
             self._limiters[domain] = lim
         return lim
 
-    @staticmethod
-    def _target_key(t: Target) -> str:
-        return f"{t.address}:{t.port}" if not t.address.startswith("/") else t.address
+    def limiter_state(self) -> dict[str, dict[str, Any]]:
+        """Per-destination limits in use (for ``empathctl`` and metrics)."""
+        return {
+            d: {"active": lim.active, "max_connections": lim.max_connections, "rate": lim.rate}
+            for d, lim in self._limiters.items()
+        }
 
     def _allowed_targets(self, route: Route) -> list[Target]:
         now = time.monotonic()
-        return [t for t in route.targets if self.breakers.get(self._target_key(t)).allow(now)]
+        return [t for t in route.targets if self.breakers.get(_target_key(t)).allow(now)]
 
     def _record_breaker(self, targets: list[Target], results: list[RcptResult]) -> None:
         now = time.monotonic()
         # A server that answered anything (even 5xx) is up; only "no answer at all"
         # (connection errors carry no reply code) counts against the breaker.
         answered = {r.remote_mta for r in results if r.code is not None}
+        no_answer = all(r.code is None and r.status == "deferred" for r in results)
         for t in targets:
-            b = self.breakers.get(self._target_key(t))
+            b = self.breakers.get(_target_key(t))
             if t.name in answered:
                 b.success()
-            elif all(r.code is None and r.status == "deferred" for r in results):
+            elif no_answer:
                 b.failure(now)
 
     # ---- bounces ------------------------------------------------------------------
 
+    async def _bounce(self, env: Envelope, bounced: list[tuple[Recipient, RcptResult]]) -> None:
+        """Queue the failure DSN, then record the recipients as bounced."""
+        await self._send_dsn(env, bounced, "failure")
+        now = time.time()
+        for r, res in bounced:
+            self._apply(env, r, res, now)
+        await self.spool.update_async(env)
+
     async def _send_dsn(
-        self, env: Envelope, failed: list[tuple[Recipient, RcptResult]], kind: str
+        self, env: Envelope, failed: list[tuple[Recipient, RcptResult]], kind: DsnKind
     ) -> None:
         cfg = self.config
+        to = bounce_recipient(env, postmaster=cfg.postmaster, kind=kind)
+        if to is None:
+            if env.sender == "":
+                log.warning("no %s notice for null-sender message %s (never bounce a bounce)",
+                            kind, env.id, extra={"QUEUE_ID": env.id})
+            return
         if env.sender == "":
-            # Never bounce a bounce: a failed null-sender message goes to the postmaster,
-            # once; a failed one of those is only logged.
-            if env.metadata.get("dsn") == "double":
-                log.error("double bounce %s undeliverable; dropped", env.id,
-                          extra={"QUEUE_ID": env.id})
-                return
-            to, marker = cfg.postmaster, "double"
-            results = [res for _, res in failed]
+            results = [res for _, res in failed]  # double bounce: postmaster hears of all
         else:
-            results = [res for r, res in failed if should_notify(env, r, kind)]  # type: ignore[arg-type]
-            to, marker = env.sender, kind
+            results = [res for r, res in failed if should_notify(env, r, kind)]
         if not results:
             return
+        now = time.time()
         with self.spool.open_data(env.id) as original:
-            data = build_dsn(
-                envelope=env, results=results, kind=kind,  # type: ignore[arg-type]
-                hostname=cfg.hostname, original=original, now=time.time(),
+            data = await asyncio.to_thread(
+                build_dsn, envelope=env, results=results, kind=kind, hostname=cfg.hostname,
+                original=original, now=now, recipient=to,
+                will_retry_until=env.received_at + cfg.delivery.max_queue_lifetime,
             )
-        new_id = await self.enqueue_local(to, data, metadata={"dsn": marker, "about": env.id})
+        body, smtputf8 = transport_flags(data, failed=env, recipient=to)
+        metadata: dict[str, Any] = {**dsn_metadata(env, kind), "about": env.id}
+        new_id = await self.enqueue_local(to, data, metadata=metadata, body=body,
+                                          smtputf8=smtputf8)
+        self.stats.dsns += 1
         log.info("dsn id=%s kind=%s about=%s to=<%s>", new_id, kind, env.id, to,
-                 extra={"QUEUE_ID": env.id, "EMPATH_EVENT": "dsn"})
+                 extra={"QUEUE_ID": env.id, "EMPATH_EVENT": f"dsn-{kind}"})
 
     async def _maybe_delay_warning(self, env: Envelope, now: float) -> None:
         threshold = self.config.delivery.delay_warning
-        if (threshold is None or env.sender == "" or env.metadata.get("delay_warned")
+        if (threshold is None or env.sender == "" or env.metadata.get(DELAY_WARNED)
                 or now - env.received_at < threshold):
             return
         delayed = [
@@ -375,11 +469,14 @@ class QueueManager:
         ]
         if not delayed:
             return
-        env.metadata["delay_warned"] = True
-        await self.spool.update_async(env)
         await self._send_dsn(env, delayed, "delay")
+        env.metadata[DELAY_WARNED] = True
+        await self.spool.update_async(env)
 
-    async def enqueue_local(self, to: str, data: bytes, *, metadata: dict[str, object]) -> str:
+    async def enqueue_local(
+        self, to: str, data: bytes, *, metadata: dict[str, Any], body: str = "7BIT",
+        smtputf8: bool = False,
+    ) -> str:
         """Queue a message we generated ourselves (a DSN), from the null sender."""
         writer = self.spool.create()
         try:
@@ -390,8 +487,7 @@ class QueueManager:
         env = Envelope(
             id=writer.id, sender="", recipients=[Recipient(address=to)],
             received_at=time.time(), client_addr="127.0.0.1", client_port=0,
-            helo=self.config.hostname, body="8BITMIME" if not data.isascii() else "7BIT",
-            metadata=dict(metadata),
+            helo=self.config.hostname, body=body, smtputf8=smtputf8, metadata=dict(metadata),
         )
         await self.spool.commit(writer, env)
         self.add(env.id)
