@@ -31,6 +31,7 @@ from empath.daemon.listeners import (
     from_systemd,
 )
 from empath.log import setup_logging
+from empath.queue import QueueManager
 from empath.spool import Spool
 from empath.statedir import StateDirError, validate_state_dir
 
@@ -74,6 +75,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.queued = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.queue = QueueManager(config, spool, listening=self._listening_pairs())
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
@@ -147,6 +149,7 @@ class Supervisor:
                     anvil.release(ip)
             elif kind == "queued":
                 self.queued += 1
+                self.queue.add(str(msg.get("id")))
             elif kind == "ready":
                 worker.ready.set()
         code = await worker.proc.wait()
@@ -186,6 +189,7 @@ class Supervisor:
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         self.config, self.config_text = new, text
         self.anvil.config = new
+        self.queue.apply_config(new)
         setup_logging(new.log.level)
         for worker in self.workers.values():
             worker.channel.send({"t": "config", "text": text, "source": self._source()})
@@ -195,6 +199,8 @@ class Supervisor:
 
     async def run(self, recovered: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
+        self.queue.load(recovered or [])
+        queue_task = asyncio.create_task(self.queue.run(self.stopping))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -216,6 +222,7 @@ class Supervisor:
             log.error("workers did not become ready within %.0f s", READY_TIMEOUT)
             self.stopping.set()
             await self._stop_workers()
+            await queue_task
             return 1
         if not self.stopping.is_set():
             log.info(
@@ -227,6 +234,8 @@ class Supervisor:
         log.info("shutting down")
         self._stop_listening()
         await self._stop_workers()
+        await queue_task
+        await self.queue.drain(self.config.shutdown_timeout)
         self.spool.close()
         log.info("stopped")
         return 0
