@@ -78,6 +78,14 @@ def retry_delay(schedule: tuple[int, ...], attempts: int) -> int:
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
 
 
+def _days(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds:.0f} seconds"
+
+
 def _target_key(t: Target) -> str:
     return t.address if t.address.startswith("/") else f"{t.address}:{t.port}"
 
@@ -261,6 +269,7 @@ class QueueManager:
         lock = asyncio.Lock()  # one envelope write at a time, in result order
         bounced: list[tuple[Recipient, RcptResult]] = []
         succeeded: list[tuple[Recipient, RcptResult]] = []
+        deferred: list[tuple[Recipient, RcptResult]] = []
         if due:
             data_path = self.spool.queue_dir / f"{id}.msg"
             hops = await asyncio.to_thread(received_count, data_path)
@@ -274,14 +283,15 @@ class QueueManager:
                 async with asyncio.TaskGroup() as tg:
                     for domain, rcpts in by_domain.items():
                         tg.create_task(self._domain_attempt(
-                            env, domain, rcpts, lock, bounced, succeeded))
+                            env, domain, rcpts, lock, bounced, succeeded, deferred))
         if bounced:
             await self._bounce(env, bounced)
         if succeeded:
             # NOTIFY=SUCCESS (RFC 3461): sent after the delivery is recorded; a crash
             # in between loses this report rather than repeating the delivery.
             await self._send_dsn(env, succeeded, "success")
-        await self._maybe_delay_warning(env, time.time())
+        if deferred:
+            await self._maybe_delay_warning(env, deferred, time.time())
         if all(r.state in FINAL for r in env.recipients):
             await self._remove(env.id)
         else:
@@ -293,6 +303,7 @@ class QueueManager:
         self, env: Envelope, domain: str, rcpts: list[Recipient], lock: asyncio.Lock,
         bounced: list[tuple[Recipient, RcptResult]],
         succeeded: list[tuple[Recipient, RcptResult]],
+        deferred: list[tuple[Recipient, RcptResult]],
     ) -> None:
         results = await self._deliver_domain(env, domain, rcpts)
         now = time.time()
@@ -300,18 +311,23 @@ class QueueManager:
         changed = False
         for r, res in zip(rcpts, results, strict=True):
             if res.status == "deferred" and expired:
+                # Status 4.4.7 (RFC 3463: delivery time expired); the last error, as
+                # the server gave it, stays in the text for the sender to read.
                 res = RcptResult(
                     res.address, "bounced", "4.4.7",
-                    f"delivery time expired; last error: {res.enhanced} {res.text}",
-                    res.code, res.remote_mta, res.tls,
+                    f"delivery time expired after {_days(now - env.received_at)}; "
+                    f"last error: {res.diagnostic}",
+                    None, res.remote_mta, res.tls,
                 )
             if res.status == "bounced":
                 bounced.append((r, res))  # recorded after the DSN is queued
-            else:
-                self._apply(env, r, res, now)
-                changed = True
-                if res.status == "delivered" and res.success_action is not None:
-                    succeeded.append((r, res))
+                continue
+            self._apply(env, r, res, now)
+            changed = True
+            if res.status == "delivered" and res.success_action is not None:
+                succeeded.append((r, res))
+            elif res.status == "deferred":
+                deferred.append((r, res))
         if changed:
             # Record before anything else happens: a recipient marked delivered is
             # never tried again, even after a crash right after this line.
@@ -457,19 +473,16 @@ class QueueManager:
         log.info("dsn id=%s kind=%s about=%s to=<%s>", new_id, kind, env.id, to,
                  extra={"QUEUE_ID": env.id, "EMPATH_EVENT": f"dsn-{kind}"})
 
-    async def _maybe_delay_warning(self, env: Envelope, now: float) -> None:
+    async def _maybe_delay_warning(
+        self, env: Envelope, deferred: list[tuple[Recipient, RcptResult]], now: float
+    ) -> None:
+        """Once per message, after ``delivery.delay_warning`` seconds in the queue: tell
+        the sender which recipients are still being retried, and why."""
         threshold = self.config.delivery.delay_warning
         if (threshold is None or env.sender == "" or env.metadata.get(DELAY_WARNED)
                 or now - env.received_at < threshold):
             return
-        delayed = [
-            (r, RcptResult(r.address, "deferred", "4.0.0", r.last_error or "delayed"))
-            for r in env.recipients
-            if r.state == "deferred"
-        ]
-        if not delayed:
-            return
-        await self._send_dsn(env, delayed, "delay")
+        await self._send_dsn(env, deferred, "delay")
         env.metadata[DELAY_WARNED] = True
         await self.spool.update_async(env)
 
