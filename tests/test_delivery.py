@@ -363,6 +363,21 @@ def test_06_permanent_failure_dsn_field_by_field(
     wait_until(lambda: gone(d, qid), "the bounced message to leave the queue", d)
 
 
+def test_06b_failed_bounce_goes_to_postmaster_once(
+    make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
+) -> None:
+    sinks.smtp("mx1.primary.test", Script(
+        rcpt_replies={"bob@primary.test": "550 5.1.1 user unknown"}))
+    d = start_daemon(make_daemon, dns_server, mail)
+    qid = send(d, ["bob@primary.test"], "scenario 06b", sender="")  # itself a bounce
+    dsn = one_dsn(mail, d, user="postmaster")
+    _, (block,) = report_fields(dsn)
+    assert block["final-recipient"] == "rfc822;bob@primary.test"
+    wait_until(lambda: gone(d, qid) and not list(d.queue_dir.glob("*.env")),
+               "the queue to empty", d)
+    assert len(dsns(mail, "postmaster")) == 1  # never bounced back to <>
+
+
 def test_07_mixed_domains_one_bad_recipient_bounces_alone(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
