@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv deps lint typecheck pytest bench clean
+.PHONY: run test venv deps lint typecheck pytest bench bench-relay clean
 
 $(BIN)/empath: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: deps venv lint typecheck pytest
 
 bench: venv
 	$(BIN)/python bench/accept.py --empath-cmd "$(abspath $(BIN))/empath"
+	$(BIN)/python bench/relay.py --empath-cmd "$(abspath $(BIN))/empath"
+
+bench-relay: venv
+	$(BIN)/python bench/relay.py --empath-cmd "$(abspath $(BIN))/empath"
 
 clean:
 	rm -rf $(VENV) examples/dev-state build dist *.egg-info
