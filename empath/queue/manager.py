@@ -56,6 +56,9 @@ FINAL = ("delivered", "bounced")
 REMOVE_RETRY = 60.0
 # Metadata key: the delay warning for this message was sent.
 DELAY_WARNED = "delay_warned"
+# In-memory marker only (never written): the final results of this attempt are to be
+# recorded by removing the message rather than by rewriting its envelope.
+_UNRECORDED = "_unrecorded"
 
 
 @dataclass
@@ -99,7 +102,13 @@ class QueueManager:
         self.listening = list(listening or [])
         self.own: OwnIdentity = own_identity(config, self.listening)
         self.dns = DNS(config.delivery.nameservers)
-        self.pool = ConnectionPool()
+        # Up to one idle connection per concurrent delivery may wait for the next
+        # message to the same host: a burst to one destination then costs a handful
+        # of connections, not one per message (Postfix's connection cache does the
+        # same). Idle ones go after 10 s so we do not hog the remote's slots.
+        self.pool = ConnectionPool(max_per_target=config.delivery.max_deliveries,
+                                   max_total=max(64, 2 * config.delivery.max_deliveries),
+                                   idle_timeout=10.0)
         # Runtime next-hop overrides (``empathctl route set``): domain → next hop.
         self.overrides: dict[str, str] = {}
         self.stats = QueueStats()
@@ -293,7 +302,7 @@ class QueueManager:
         if deferred:
             await self._maybe_delay_warning(env, deferred, time.time())
         if all(r.state in FINAL for r in env.recipients):
-            await self._remove(env.id)
+            await self._remove(env)
         else:
             due_next = self._next_due(env)
             if due_next is not None:
@@ -328,14 +337,23 @@ class QueueManager:
                 succeeded.append((r, res))
             elif res.status == "deferred":
                 deferred.append((r, res))
-        if changed:
-            # Record before anything else happens: a recipient marked delivered is
-            # never tried again, even after a crash right after this line.
-            async with lock:
-                await self.spool.update_async(env)
+        if not changed:
+            return
+        if not bounced and all(r.state in FINAL for r in env.recipients):
+            # This was the last transaction and the message is done: removing it
+            # (attempt() does, next) records that as durably as a rewrite would, so
+            # one fsync'ed write is saved per message. If the removal fails,
+            # ``_remove`` writes the envelope instead.
+            env.metadata[_UNRECORDED] = True
+            return
+        # Record before anything else happens: a recipient marked delivered is
+        # never tried again, even after a crash right after this line.
+        async with lock:
+            await self.spool.update_async(env)
 
     def _apply(self, env: Envelope, r: Recipient, res: RcptResult, now: float) -> None:
-        extra: dict[str, Any] = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status}
+        extra: dict[str, Any] = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status,
+                                 "RCPT_DOMAIN": _domain(r.address), "DSN_STATUS": res.enhanced}
         r.attempts += 1
         self.stats.attempts[res.status] += 1
         relay = res.remote_mta or "-"
@@ -506,7 +524,9 @@ class QueueManager:
         self.add(env.id)
         return env.id
 
-    async def _remove(self, id: str) -> None:
+    async def _remove(self, env: Envelope) -> None:
+        id = env.id
+        unrecorded = bool(env.metadata.pop(_UNRECORDED, False))
         try:
             await self.spool.remove_async(id)
             log.info("removed id=%s (all recipients final)", id,
@@ -516,4 +536,12 @@ class QueueManager:
         except OSError as exc:
             log.error("queue: cannot remove %s: %s; will retry", id, exc,
                       extra={"QUEUE_ID": id})
+            if unrecorded:
+                # The results were to be recorded by the removal: record them now,
+                # or the retry would deliver again.
+                try:
+                    await self.spool.update_async(env)
+                except OSError as exc2:
+                    log.error("queue: cannot record results of %s either: %s", id, exc2,
+                              extra={"QUEUE_ID": id})
             self.schedule(id, time.time() + REMOVE_RETRY)
