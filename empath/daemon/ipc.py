@@ -1,6 +1,20 @@
 """Supervisor ↔ worker messages: newline-delimited JSON over a Unix socketpair.
 
 Small and boring on purpose: one line per message, a ``t`` field for its type.
+
+supervisor → worker:
+  ``config``  {text, source, gen, spool}: the configuration to run. The first one a
+              worker gets is its start-up config; later ones are reloads. ``gen`` is
+              the supervisor's config generation; ``spool`` is the spool directory in
+              use (fixed for the daemon's life, whatever a reloaded ``state_dir`` says).
+  ``admit``   {n, refuse}: the answer to a worker's ``admit``.
+  ``stop``    {}: shut down as on SIGTERM.
+worker → supervisor:
+  ``ready``   {pid, gen}: serving, with config generation ``gen``.
+  ``applied`` {gen, error}: a reloaded config is in force for new sessions (error
+              null), or could not be applied (error says why; the old one stays).
+  ``admit``   {n, ip} / ``release`` {ip}: per-client accounting (empath/daemon/anvil.py).
+  ``queued``  {id}: a message was spooled; the queue manager takes it from here.
 """
 
 from __future__ import annotations

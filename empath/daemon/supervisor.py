@@ -1,21 +1,35 @@
-"""The supervisor: the daemon's main process.
+"""The supervisor: the daemon's main process, and the one that talks to systemd.
 
 Start-up order matters and is the durability story: config validated (exit 2), state
 directory validated before anything is written (exit 2), spool recovered, listeners
 taken from systemd or bound, then workers started. Only when every worker serves do we
-call ourselves ready.
+call ourselves ready (``READY=1``).
+
+systemd sees (empath/systemd/notify.py): ``READY=1`` then; ``STATUS=`` with the queue,
+connections and the last reload, kept current; ``RELOADING=1`` + ``MONOTONIC_USEC=``
+and ``READY=1`` around each reload; ``STOPPING=1`` when shutdown starts; and
+``WATCHDOG=1`` every half ``WatchdogSec`` from a task on this event loop, so a stuck
+loop stops the pings and systemd restarts us.
+
+Reload (SIGHUP, or ``empathctl reload --wait`` through ``Supervisor.reload``) is all
+or nothing for the config file: it is validated and its TLS files loaded first; an
+error changes nothing. Then the supervisor applies it and every worker confirms it
+(``applied`` with the config generation) before the reload counts as done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +46,73 @@ from empath.daemon.listeners import (
 )
 from empath.log import setup_logging
 from empath.queue import QueueManager
+from empath.smtp.server import make_tls_context
 from empath.spool import Spool
 from empath.statedir import StateDirError, validate_state_dir
+from empath.systemd import events
+from empath.systemd.notify import NOTIFY_ENV, Notifier, monotonic_usec, watchdog_interval
 
-__all__ = ["Supervisor", "run"]
+__all__ = ["ReloadResult", "Supervisor", "config_changes", "run"]
 
 log = logging.getLogger("empath.supervisor")
 
 EXIT_CONFIG = 2
 READY_TIMEOUT = 30.0
+# Seconds a reload waits for every worker to confirm the new config.
+RELOAD_ACK_TIMEOUT = 10.0
+# Seconds between STATUS= checks; a changed text is sent, an unchanged one is not.
+STATUS_INTERVAL = 2.0
+# Keys read only at start: a reload logs that they changed and keeps the old values.
+RESTART_KEYS = ("listen", "state_dir", "workers")
+# Sent instead of a worker's answer when it exits before confirming a reload.
+_EXITED = object()
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    """The outcome of one reload, for SIGHUP's log line and ``empathctl reload --wait``.
+
+    ``ok``: the new configuration is in force in the supervisor and in every worker.
+    ``applied``: it is in force in the supervisor (False: refused, nothing changed).
+    ``errors``: why not ok — config errors with their key paths, or a worker that
+    could not apply it (that worker is restarted with the new config).
+    ``changed``: key paths that differ from the previous config (``limits.max_recipients``).
+    ``restart_needed``: changed keys that only a restart applies (listen, state_dir,
+    workers); until then the old values stay in force.
+    ``generation``: the config generation in force afterwards (1 at start).
+    """
+
+    ok: bool
+    applied: bool
+    errors: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    restart_needed: list[str] = field(default_factory=list)
+    generation: int = 0
+    at: float = field(default_factory=time.time)  # when it finished, Unix time
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """Key paths whose values differ between two configs (or parts of one)."""
+    if dataclasses.is_dataclass(old) and type(old) is type(new):
+        out: list[str] = []
+        for f in dataclasses.fields(old):
+            if f.name != "source":  # where it came from, not what it says
+                sub = f"{path}.{f.name}" if path else f.name
+                out += config_changes(getattr(old, f.name), getattr(new, f.name), sub)
+        return out
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}"
+            if key not in old or key not in new:
+                out.append(sub)
+            else:
+                out += config_changes(old[key], new[key], sub)
+        return out
+    return [] if old == new else [path or "<config>"]
 
 
 @dataclass(eq=False)
@@ -51,6 +123,8 @@ class WorkerProc:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Clients this worker holds, so a crashed worker's slots are given back.
     clients: dict[str, int] = field(default_factory=dict)
+    # Reloads waiting for this worker's ``applied``: generation → its error or None.
+    acks: dict[int, asyncio.Future[object]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -63,6 +137,8 @@ class Supervisor:
         *,
         config_path: Path | None,
         socket_activated: bool = False,
+        notifier: Notifier | None = None,
+        watchdog: float | None = None,
     ) -> None:
         self.config = config
         self.socket_activated = socket_activated
@@ -74,8 +150,16 @@ class Supervisor:
         self.workers: dict[int, WorkerProc] = {}
         self.stopping = asyncio.Event()
         self.queued = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.queue = QueueManager(config, spool, listening=self._listening_pairs())
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self.watchdog = watchdog  # seconds between WATCHDOG=1, None: no watchdog
+        self.generation = 1  # of the config in force; workers confirm reloads by it
+        self.last_reload: ReloadResult | None = None
+        self._reload_lock = asyncio.Lock()
+        self._status_sent: str | None = None
+        self._starting = False  # run() holds the reload lock until ready
+        self._watchdog_task: asyncio.Task[Any] | None = None
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
@@ -96,6 +180,8 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         smtp = self._smtp_sockets()
         env = dict(os.environ)
+        for key in NOTIFY_ENV:  # only the main process may notify systemd
+            env.pop(key, None)
         env["EMPATH_WORKER_FDS"] = ",".join(f"{ls.fileno()}:{ls.role}" for ls in smtp)
         env["EMPATH_IPC_FD"] = str(child.fileno())
         # Run the same code as we do, installed or from a checkout.
@@ -110,12 +196,20 @@ class Supervisor:
         child.close()
         channel = await open_channel(parent)
         worker = WorkerProc(index, proc, channel)
-        channel.send({"t": "config", "text": self.config_text, "source": self._source()})
+        channel.send(self._config_message())
         self.workers[index] = worker
-        task = asyncio.create_task(self._serve_worker(worker))
+        self._background(self._serve_worker(worker))
+        return worker
+
+    def _background(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return worker
+        return task
+
+    def _config_message(self) -> dict[str, Any]:
+        return {"t": "config", "text": self.config_text, "source": self._source(),
+                "gen": self.generation, "spool": str(self.spool.root)}
 
     def _source(self) -> str | None:
         return str(self.config_path) if self.config_path is not None else None
@@ -152,8 +246,15 @@ class Supervisor:
                 self.queue.add(str(msg.get("id")))
             elif kind == "ready":
                 worker.ready.set()
+            elif kind == "applied":
+                fut = worker.acks.get(_int(msg.get("gen")))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.get("error"))
         code = await worker.proc.wait()
         channel.close()
+        for fut in worker.acks.values():
+            if not fut.done():
+                fut.set_result(_EXITED)
         for ip, count in worker.clients.items():
             for _ in range(count):
                 anvil.release(ip)
@@ -162,48 +263,191 @@ class Supervisor:
             del self.workers[worker.index]
         if not self.stopping.is_set():
             log.error("worker %d (pid %d) exited with status %s; restarting it",
-                      worker.index, worker.proc.pid, code)
+                      worker.index, worker.proc.pid, code,
+                      extra={"EMPATH_EVENT": events.WORKER_EXITED})
             await asyncio.sleep(1.0)
             if not self.stopping.is_set():
                 await self._spawn(worker.index)
 
-    # ---- signals -----------------------------------------------------------------
+    # ---- reload ------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """SIGHUP: re-read and validate; apply what can change live; keep sessions."""
-        if self.config_path is None:
-            log.warning("reload: no configuration file to re-read")
-            return
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file; apply it everywhere, or refuse it and change nothing.
+
+        Returns when the outcome is known: on success the supervisor (per-client
+        limits, queue manager, log level) and every worker (new sessions; open ones
+        keep the config they started with) run the new config. Concurrent calls run
+        one after the other. Public: SIGHUP calls it, and so does the control
+        socket's ``reload --wait``. The result is logged here and kept in
+        ``last_reload`` (shown in STATUS=).
+        """
+        async with self._reload_lock:
+            if self.stopping.is_set():
+                return ReloadResult(ok=False, applied=False, errors=["shutting down"],
+                                    generation=self.generation)
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+            try:
+                result = await self._reload()
+            except Exception as exc:  # a bug must not leave systemd in "reloading"
+                log.exception("reload failed unexpectedly")
+                result = ReloadResult(ok=False, applied=False, errors=[f"internal error: {exc}"],
+                                      generation=self.generation)
+            self.last_reload = result
+            self._log_reload(result)
+            if not self.stopping.is_set():  # after STOPPING=1, READY=1 would be a lie
+                self.notifier.notify("READY=1", f"STATUS={self._status_now()}")
+            return result
+
+    async def _reload(self) -> ReloadResult:
+        path = self.config_path
+        if path is None:
+            return self._refused(["no configuration file to re-read"])
         try:
-            text = self.config_path.read_text(encoding="utf-8")
-            new = load_config_text(text, self.config_path)
+            text = path.read_text(encoding="utf-8")
+            new = load_config_text(text, path)
         except (OSError, UnicodeDecodeError) as exc:
-            log.error("reload refused: cannot read %s: %s", self.config_path, exc)
-            return
+            return self._refused([f"cannot read {path}: {exc}"])
         except ConfigError as exc:
-            log.error("reload refused, configuration unchanged:\n%s", exc)
-            return
+            return self._refused([str(issue) for issue in exc.issues] or [str(exc)])
+        try:
+            # Loads the certificate and key now: a bad pair refuses the reload here
+            # rather than failing in the workers after we switched.
+            make_tls_context(new)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            return self._refused([f"{path}: tls: cannot load certificate and key: {exc}"])
         old = self.config
-        for key in ("listen", "state_dir", "workers"):
-            if getattr(old, key) != getattr(new, key):
-                log.warning("reload: %s changed; it takes effect only after a restart", key)
+        changed = config_changes(old, new)
+        restart = [k for k in RESTART_KEYS if any(c == k or c.startswith(k + ".")
+                                                  for c in changed)]
+        if self.socket_activated and "listen" in restart:
+            restart.remove("listen")  # ignored entirely: systemd's sockets are used
+        # Start-time keys keep their old values until a restart.
+        new = dataclasses.replace(new, listen=old.listen, state_dir=old.state_dir,
+                                  workers=old.workers)
         self.config, self.config_text = new, text
+        self.generation += 1
         self.anvil.config = new
         self.queue.apply_config(new)
         setup_logging(new.log.level)
-        for worker in self.workers.values():
-            worker.channel.send({"t": "config", "text": text, "source": self._source()})
-        log.info("reload: configuration applied from %s", self.config_path)
+        errors = await self._push_config(self.generation)
+        return ReloadResult(ok=not errors, applied=True, errors=errors, changed=changed,
+                            restart_needed=restart, generation=self.generation)
+
+    def _refused(self, errors: list[str]) -> ReloadResult:
+        return ReloadResult(ok=False, applied=False, errors=errors, generation=self.generation)
+
+    async def _push_config(self, gen: int) -> list[str]:
+        """Send the config to every worker and wait until each confirms; errors."""
+        loop = asyncio.get_running_loop()
+        waiting: dict[WorkerProc, asyncio.Future[object]] = {}
+        message = self._config_message()
+        for worker in list(self.workers.values()):
+            fut: asyncio.Future[object] = loop.create_future()
+            worker.acks[gen] = fut
+            worker.channel.send(message)
+            waiting[worker] = fut
+        if waiting:
+            await asyncio.wait(list(waiting.values()), timeout=RELOAD_ACK_TIMEOUT)
+        errors = []
+        for worker, fut in waiting.items():
+            worker.acks.pop(gen, None)
+            who = f"worker {worker.index} (pid {worker.proc.pid})"
+            if not fut.done():
+                errors.append(f"{who} did not confirm the new configuration "
+                              f"within {RELOAD_ACK_TIMEOUT:.0f} s")
+            elif fut.result() is _EXITED:
+                continue  # its replacement starts with the new config
+            elif fut.result() is not None:
+                errors.append(f"{who} could not apply the new configuration: {fut.result()}")
+            else:
+                continue
+            # Every process must run one config: the replacement starts with the new one.
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGTERM)
+        return errors
+
+    def _log_reload(self, r: ReloadResult) -> None:
+        if not r.applied:
+            log.error("reload refused, configuration unchanged:\n%s", "\n".join(r.errors),
+                      extra={"EMPATH_EVENT": events.RELOAD_REFUSED})
+            return
+        for key in r.restart_needed:
+            log.warning("reload: %s changed; it takes effect only after a restart", key,
+                        extra={"EMPATH_EVENT": events.RELOAD})
+        if r.ok:
+            log.info("reload: configuration applied from %s (generation %d); changed: %s",
+                     self.config_path, r.generation, ", ".join(r.changed) or "nothing",
+                     extra={"EMPATH_EVENT": events.RELOAD})
+        else:
+            log.error("reload: configuration applied from %s (generation %d), but %s; "
+                      "restarting those workers", self.config_path, r.generation,
+                      "; ".join(r.errors), extra={"EMPATH_EVENT": events.RELOAD})
+
+    def _on_sighup(self) -> None:
+        self._background(self.reload())
+
+    # ---- systemd -------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        """The one-line STATUS= that ``systemctl status empath`` shows."""
+        q = self.queue
+        text = (f"queue: {q.size} messages ({q.active} in delivery), "
+                f"{self.anvil.connections} connections")
+        r = self.last_reload
+        if r is None:
+            return text
+        when = time.strftime("%H:%M:%S", time.localtime(r.at))
+        if r.ok:
+            return f"{text}, last reload: ok at {when}"
+        word = "FAILED" if r.applied else "REFUSED"
+        return f"{text}, last reload {word} at {when}: {r.errors[0] if r.errors else '?'}"
+
+    def _status_now(self) -> str:
+        self._status_sent = text = self.status_text()
+        return text
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            if self.stopping.is_set():
+                return  # "shutting down" stays
+            text = self.status_text()
+            if text != self._status_sent:
+                self._status_sent = text
+                self.notifier.notify(f"STATUS={text}")
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # On our own event loop on purpose: if the loop is stuck, the pings stop.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     # ---- main --------------------------------------------------------------------
 
     async def run(self, recovered: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
-        self.queue.load(recovered or [])
+        if self.watchdog is not None:
+            self._watchdog_task = self._background(self._watchdog_loop(self.watchdog))
+        # A SIGHUP during start-up waits until we are ready (or stopped).
+        await self._reload_lock.acquire()
+        self._starting = True
+        try:
+            return await self._run(loop, recovered or [])
+        finally:
+            self._started()
+
+    def _started(self) -> None:
+        if self._starting:
+            self._starting = False
+            self._reload_lock.release()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, recovered: list[str]) -> int:
+        self.queue.load(recovered)
+        self.notifier.notify(f"STATUS=starting: {self.queue.size} messages in the queue")
         queue_task = asyncio.create_task(self.queue.run(self.stopping))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for ls in self.listeners:
             if ls.role == "metrics":
                 log.warning("a metrics socket was passed but metrics are not built yet; "
@@ -220,6 +464,7 @@ class Supervisor:
         all_ready.cancel()
         if not all(w.ready.is_set() for w in self.workers.values()) and not self.stopping.is_set():
             log.error("workers did not become ready within %.0f s", READY_TIMEOUT)
+            self.notifier.notify("STATUS=workers did not become ready; stopping")
             self.stopping.set()
             await self._stop_workers()
             await queue_task
@@ -229,15 +474,24 @@ class Supervisor:
                 "ready: empath %s, %d workers, listening on %s",
                 empath.__version__, len(self.workers),
                 ", ".join(f"{ls.label} ({ls.role})" for ls in self._smtp_sockets()),
+                extra={"EMPATH_EVENT": events.READY},
             )
+            self.notifier.notify("READY=1", f"STATUS={self._status_now()}")
+            self._background(self._status_loop())
+        self._started()
         await stop_wait
-        log.info("shutting down")
+        # Before anything else, so systemd knows the stop is ours (and a reload
+        # arriving now is refused rather than started).
+        self.notifier.notify("STOPPING=1", "STATUS=shutting down")
+        log.info("shutting down", extra={"EMPATH_EVENT": events.STOPPING})
         self._stop_listening()
         await self._stop_workers()
         await queue_task
         await self.queue.drain(self.config.shutdown_timeout)
         self.spool.close()
-        log.info("stopped")
+        log.info("stopped", extra={"EMPATH_EVENT": events.STOPPED})
+        for task in list(self._tasks):
+            task.cancel()
         return 0
 
     def _stop_listening(self) -> None:
@@ -272,7 +526,12 @@ class Supervisor:
                     w.proc.kill()
             await asyncio.gather(*(w.proc.wait() for w in workers))
         for task in list(self._tasks):
-            task.cancel()
+            if task is not self._watchdog_task:  # systemd watches the stop too
+                task.cancel()
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 def _lock_state_dir(state_dir: Path) -> int | None:
@@ -300,31 +559,43 @@ def _lock_state_dir(state_dir: Path) -> int | None:
 def run(config_path: Path) -> int:
     """``empath run``: returns the process exit status."""
     setup_logging("info")
+    # Taken (and removed from the environment, so no child inherits them) first thing.
+    watchdog = watchdog_interval(os.environ)
+    notifier = Notifier.from_environ()
     try:
         text = config_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        log.error("cannot read configuration %s: %s", config_path, exc)
+        log.error("cannot read configuration %s: %s", config_path, exc,
+                  extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        notifier.notify(f"STATUS=cannot read configuration {config_path}: {exc}")
         return EXIT_CONFIG
     try:
         config = load_config_text(text, config_path)
     except ConfigError as exc:
-        log.error("configuration error:\n%s", exc)
+        log.error("configuration error:\n%s", exc, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        first = str(exc.issues[0]) if exc.issues else str(exc)
+        notifier.notify(f"STATUS=configuration error: {first}")
         return EXIT_CONFIG
     setup_logging(config.log.level)
     try:
         validate_state_dir(config.state_dir)
     except StateDirError as exc:
-        log.error("state_dir: %s", exc)
+        log.error("state_dir: %s", exc, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        notifier.notify(f"STATUS=state_dir: {exc}")
         return EXIT_CONFIG
     lock = _lock_state_dir(config.state_dir)
     if lock is None:
         return 1
     spool = Spool(config.spool_dir)
+    notifier.notify("STATUS=recovering the spool")
+    if watchdog is not None:
+        notifier.notify("WATCHDOG=1")  # the loop that pings starts after recovery
     try:
         spool.prepare()
         report = spool.recover()
     except OSError as exc:
         log.error("spool %s unusable: %s", config.spool_dir, exc)
+        notifier.notify(f"STATUS=spool {config.spool_dir} unusable: {exc}")
         return 1
     log.info(
         "spool recovered: %d messages queued, %d temporary files removed, %d quarantined",
@@ -335,14 +606,19 @@ def run(config_path: Path) -> int:
         activated = listeners is not None
         if listeners is None:
             if not config.listen:
-                log.error("listen: no listeners configured and not socket-activated")
+                log.error("listen: no listeners configured and not socket-activated",
+                          extra={"EMPATH_EVENT": events.CONFIG_ERROR})
                 return EXIT_CONFIG
             listeners = bind_listeners(config.listen)
         elif config.listen:
             log.info("socket-activated: ignoring listen: from the configuration")
     except ListenerError as exc:
         log.error("%s", exc)
+        notifier.notify(f"STATUS={exc}")
         return 1
     supervisor = Supervisor(config, text, listeners, spool, config_path=config_path,
-                            socket_activated=activated)
-    return asyncio.run(supervisor.run(report.ids))
+                            socket_activated=activated, notifier=notifier, watchdog=watchdog)
+    try:
+        return asyncio.run(supervisor.run(report.ids))
+    finally:
+        notifier.close()

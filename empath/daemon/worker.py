@@ -23,6 +23,7 @@ from empath.daemon.ipc import Channel, open_channel
 from empath.log import setup_logging
 from empath.smtp.server import Front
 from empath.spool import Envelope, Spool
+from empath.systemd.notify import NOTIFY_ENV
 
 log = logging.getLogger("empath.worker")
 
@@ -60,7 +61,9 @@ class Worker:
             log.error("worker: configuration refused: %s", exc)
             return 2
         setup_logging(cfg.log.level)
-        spool = Spool(cfg.spool_dir)
+        # The supervisor's spool, not the config's: a reloaded state_dir takes effect
+        # only at restart, and a worker restarted meanwhile must not follow it early.
+        spool = Spool(Path(first["spool"]) if first.get("spool") else cfg.spool_dir)
         self.front = front = Front(
             cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued
         )
@@ -71,7 +74,7 @@ class Worker:
         # The supervisor coordinates shutdown; a terminal's Ctrl-C reaches us too.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.channel.send({"t": "ready", "pid": os.getpid()})
+        self.channel.send({"t": "ready", "pid": os.getpid(), "gen": first.get("gen", 0)})
         reader = asyncio.create_task(self._read_loop())
         await self.stop.wait()
         reader.cancel()
@@ -96,14 +99,27 @@ class Worker:
                 if fut is not None and not fut.done():
                     fut.set_result(msg.get("refuse"))
             elif kind == "config" and self.front is not None:
-                try:
-                    cfg = load_config_text(msg["text"], _source(msg))
-                    self.front.apply_config(cfg)
-                    setup_logging(cfg.log.level)
-                except Exception as exc:  # validated by the supervisor; log and keep going
-                    log.error("worker: cannot apply new configuration: %s", exc)
+                self.channel.send({"t": "applied", "gen": msg.get("gen"),
+                                   "error": self._apply(msg)})
             elif kind == "stop":
                 self.stop.set()
+
+    def _apply(self, msg: dict[str, Any]) -> str | None:
+        """A reload: use the new config for new sessions. Returns an error or None.
+
+        The supervisor validated the text and loaded the TLS files already, so a
+        failure here means something changed under us (a certificate replaced
+        mid-reload); we keep the old config and say why.
+        """
+        assert self.front is not None
+        try:
+            cfg = load_config_text(msg["text"], _source(msg))
+            self.front.apply_config(cfg)  # re-reads the TLS certificate and key
+        except Exception as exc:
+            log.error("worker: cannot apply new configuration: %s", exc)
+            return str(exc) or type(exc).__name__
+        setup_logging(cfg.log.level)
+        return None
 
 
 def _source(msg: dict[str, Any]) -> Path | None:
@@ -112,6 +128,9 @@ def _source(msg: dict[str, Any]) -> Path | None:
 
 
 def main() -> int:
+    # Only the supervisor talks to systemd; the supervisor removes these already.
+    for key in NOTIFY_ENV:
+        os.environ.pop(key, None)
     setup_logging("info")
     fds = os.environ.pop("EMPATH_WORKER_FDS", "")
     ipc_fd = int(os.environ.pop("EMPATH_IPC_FD"))

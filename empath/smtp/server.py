@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from empath.config.model import Config
 from empath.smtp.session import SMTPSession
 from empath.spool import Envelope, Spool
+from empath.systemd import events
 
 __all__ = ["Front", "make_tls_context"]
 
 log = logging.getLogger("empath.smtp")
+
 
 # Asked before a client gets its greeting: None admits, a reply string refuses.
 AdmitFn = Callable[[str], Awaitable[str | None]]
@@ -55,7 +57,12 @@ class Front:
         self._servers: list[asyncio.Server] = []
 
     def apply_config(self, config: Config) -> None:
-        """Use ``config`` for new sessions; open sessions keep the one they started with."""
+        """Use ``config`` for new sessions; open sessions keep the one they started with.
+
+        The TLS context is built anew, so a certificate renewed in place (same paths,
+        new files) is served from the next session on. Raises if the files are bad;
+        then nothing changes.
+        """
         tls = make_tls_context(config)
         self.config, self.tls_context = config, tls
 
@@ -75,9 +82,14 @@ class Front:
         if self._admit is not None:
             refusal = await self._admit(session.client_ip)
             if refusal is not None:
-                log.info("connection refused client=%s: %s", session.client_ip, refusal)
+                log.info("connection refused client=%s: %s", session.client_ip, refusal,
+                         extra={"EMPATH_EVENT": events.REFUSED,
+                                "CLIENT_ADDR": session.client_ip})
                 return refusal
         self.sessions.add(session)
+        log.info("connect client=%s port=%d role=%s", session.client_ip, session.client_port,
+                 session.role,
+                 extra={"EMPATH_EVENT": events.CONNECT, "CLIENT_ADDR": session.client_ip})
         return None
 
     def session_closed(self, session: SMTPSession) -> None:
@@ -90,6 +102,8 @@ class Front:
             "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
             envelope.id, envelope.sender, len(envelope.recipients), envelope.size,
             session.client_ip,
+            extra={"EMPATH_EVENT": events.RECEIVED, "QUEUE_ID": envelope.id,
+                   "CLIENT_ADDR": session.client_ip},
         )
         if self._on_queued is not None:
             self._on_queued(envelope)

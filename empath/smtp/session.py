@@ -25,6 +25,7 @@ from empath.smtp.policy import decide_rcpt, in_networks
 from empath.smtp.replies import ensure_enhanced
 from empath.smtp.trace import received_header, with_protocol
 from empath.spool import Envelope, Recipient, SpoolError
+from empath.systemd import events
 
 if TYPE_CHECKING:
     from empath.smtp.server import Front
@@ -81,6 +82,13 @@ def _recipient_key(mailbox: Mailbox) -> str:
 
 
 class SMTPSession(SMTP):  # type: ignore[misc]
+    def _fields(self, event: str | None = None, **more: str) -> dict[str, str]:
+        """Journal fields for this session's log lines (see empath.systemd.events)."""
+        fields = {"CLIENT_ADDR": self.client_ip, **more}
+        if event is not None:
+            fields["EMPATH_EVENT"] = event
+        return fields
+
     def __init__(self, front: Front, role: str) -> None:
         cfg = front.config
         super().__init__(
@@ -152,7 +160,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded during DATA"
         else:
             reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded"
-        log.info("timeout client=%s", self.client_ip)
+        log.info("timeout client=%s", self.client_ip, extra=self._fields())
         self.close_with(reply)
 
     # ---- connection ------------------------------------------------------------
@@ -200,7 +208,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
 
     def _check_errors(self, max_errors: int) -> None:
         if self.errors >= max_errors and not self.closing:
-            log.info("too many errors client=%s errors=%d", self.client_ip, self.errors)
+            log.info("too many errors client=%s errors=%d", self.client_ip, self.errors,
+                     extra=self._fields())
             self.close_with(f"421 4.7.0 {self.cfg.hostname} Error: too many errors")
 
     async def _dispatch(self, raw: bytes) -> None:
@@ -386,7 +395,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         )
         decision = decide_rcpt(cfg, path.mailbox, client_may_relay=may_relay)
         if not decision.accept:
-            log.info("relay denied client=%s rcpt=<%s>", self.client_ip, path.raw)
+            log.info("relay denied client=%s rcpt=<%s>", self.client_ip, path.raw,
+                     extra=self._fields(events.REJECTED,
+                                        RCPT_DOMAIN=path.raw.rpartition("@")[2].lower()))
             await self.push(decision.reply)
             return
         address = _recipient_key(path.mailbox) if path.mailbox is not None else cfg.postmaster
@@ -463,7 +474,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 log.error("queue file write failed: %s", result.error)
             else:
                 log.info(
-                    "message rejected client=%s reason=%s", self.client_ip, result.outcome.value
+                    "message rejected client=%s reason=%s", self.client_ip, result.outcome.value,
+                    extra=self._fields(events.REJECTED),
                 )
             await self.push(_DATA_REJECT[result.outcome])
             return
@@ -559,7 +571,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             # transport and throws away anything pipelined in plaintext behind it.
             await super().smtp_STARTTLS(arg or "")
         except TLSSetupException:
-            log.info("TLS handshake failed client=%s", self.client_ip)
+            log.info("TLS handshake failed client=%s", self.client_ip, extra=self._fields())
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
