@@ -166,8 +166,6 @@ def test_version() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["empathctl", "status"],
-    ["empathctl", "--json", "queue", "list"],
     ["empath", "passwd", "alice"],
     ["empath", "sendmail", "-t"],
 ])

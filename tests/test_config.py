@@ -168,7 +168,6 @@ def test_product_example_keys_are_all_known() -> None:
     assert all("not supported yet" in m for m in got.values())
     assert set(got) == {
         "submission.users_file",
-        "control.socket",
         "metrics.listen",
     }
 
@@ -730,8 +729,6 @@ def test_dkim_modules_metrics_control_syntax() -> None:
 UNSUPPORTED_EXAMPLES: dict[str, dict[str, Any]] = {
     "submission.users_file": {"submission": {"users_file": "/etc/empath/users"}},
     "dkim": {"dkim": {"example.com": {"selector": "s1", "key": "/etc/empath/dkim/k"}}},
-    "control.socket": {"control": {"socket": "/run/empath/control.sock"}},
-    "control.token_file": {"control": {"token_file": "/etc/empath/token"}},
     "metrics.listen": {"metrics": {"listen": "127.0.0.1:9125"}},
     "metrics.bearer_token_file": {"metrics": {"bearer_token_file": "/etc/empath/mt"}},
     "metrics.web_config": {"metrics": {"web_config": "/etc/empath/web.yml"}},

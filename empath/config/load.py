@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -554,6 +555,22 @@ def _retry_schedule(v: _Validator, raw: Any) -> tuple[int, ...] | None:
     return tuple(cast(list[int], delays))
 
 
+# A Unix socket path is at most 107 bytes on Linux (sun_path holds 108, with NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _control(v: _Validator, m: dict[str, Any]) -> ControlConfig:
+    socket = v.optional_abs_path(m, "socket", "control")
+    if socket is not None and len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+        v.error("control.socket", f"longer than {MAX_SOCKET_PATH} bytes, the limit for a "
+                "Unix socket path")
+        socket = None
+    return ControlConfig(
+        socket=socket,
+        token_file=v.optional_abs_path(m, "token_file", "control"),
+    )
+
+
 def _metrics(v: _Validator, raw: Any) -> MetricsConfig:
     m = v.section(raw, "metrics", ("listen", "bearer_token_file", "web_config"))
     listen = None
@@ -631,10 +648,7 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
         ),
         dkim=_dkim(v, top.get("dkim")),
         delivery=_delivery(v, top.get("delivery")),
-        control=ControlConfig(
-            socket=v.optional_abs_path(control, "socket", "control"),
-            token_file=v.optional_abs_path(control, "token_file", "control"),
-        ),
+        control=_control(v, control),
         metrics=_metrics(v, top.get("metrics")),
         log=LogConfig(level=cast(Any, level)) if level is not None else LogConfig(),
         modules=_modules(v, top.get("modules")),

@@ -36,6 +36,9 @@ from typing import Any
 
 import empath
 from empath.config import Config, ConfigError, load_config_text
+from empath.control import control_socket_path
+from empath.control.commands import ControlHandlers
+from empath.control.server import ControlError, ControlServer
 from empath.daemon.anvil import Anvil
 from empath.daemon.ipc import Channel, open_channel
 from empath.daemon.listeners import (
@@ -63,7 +66,7 @@ RELOAD_ACK_TIMEOUT = 10.0
 # Seconds between STATUS= checks; a changed text is sent, an unchanged one is not.
 STATUS_INTERVAL = 2.0
 # Keys read only at start: a reload logs that they changed and keeps the old values.
-RESTART_KEYS = ("listen", "state_dir", "workers")
+RESTART_KEYS = ("listen", "state_dir", "workers", "control.socket")
 # Sent instead of a worker's answer when it exits before confirming a reload.
 _EXITED = object()
 
@@ -160,6 +163,7 @@ class Supervisor:
         self._status_sent: str | None = None
         self._starting = False  # run() holds the reload lock until ready
         self._watchdog_task: asyncio.Task[Any] | None = None
+        self.control: ControlServer | None = None
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
@@ -315,6 +319,12 @@ class Supervisor:
             make_tls_context(new)
         except (OSError, ssl.SSLError, ValueError) as exc:
             return self._refused([f"{path}: tls: cannot load certificate and key: {exc}"])
+        if self.control is not None:
+            try:
+                # Read and checked now, kept only if the reload goes ahead.
+                self.control.set_token_file(new.control.token_file)
+            except ControlError as exc:
+                return self._refused([f"{path}: control.token_file: {exc}"])
         old = self.config
         changed = config_changes(old, new)
         restart = [k for k in RESTART_KEYS if any(c == k or c.startswith(k + ".")
@@ -323,7 +333,9 @@ class Supervisor:
             restart.remove("listen")  # ignored entirely: systemd's sockets are used
         # Start-time keys keep their old values until a restart.
         new = dataclasses.replace(new, listen=old.listen, state_dir=old.state_dir,
-                                  workers=old.workers)
+                                  workers=old.workers,
+                                  control=dataclasses.replace(new.control,
+                                                              socket=old.control.socket))
         self.config, self.config_text = new, text
         self.generation += 1
         self.anvil.config = new
@@ -444,6 +456,8 @@ class Supervisor:
     async def _run(self, loop: asyncio.AbstractEventLoop, recovered: list[str]) -> int:
         self.queue.load(recovered)
         self.notifier.notify(f"STATUS=starting: {self.queue.size} messages in the queue")
+        if not await self._start_control():
+            return EXIT_CONFIG
         queue_task = asyncio.create_task(self.queue.run(self.stopping))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -484,6 +498,8 @@ class Supervisor:
         # arriving now is refused rather than started).
         self.notifier.notify("STOPPING=1", "STATUS=shutting down")
         log.info("shutting down", extra={"EMPATH_EVENT": events.STOPPING})
+        if self.control is not None:
+            await self.control.close()
         self._stop_listening()
         await self._stop_workers()
         await queue_task
@@ -493,6 +509,57 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
         return 0
+
+    # ---- control socket ------------------------------------------------------------
+
+    async def _start_control(self) -> bool:
+        """The control socket (``empathctl``); a failure to create it is fatal at start,
+        like a listener that cannot be bound."""
+        path = control_socket_path(self.config)
+        handlers = ControlHandlers(
+            self.queue, self.spool, status=self._control_status, reload=self.reload,
+            connections=self._control_connections, set_log_level=self._set_log_level,
+        )
+        self.control = ControlServer(path, handlers, token_file=self.config.control.token_file)
+        try:
+            await self.control.start()
+        except ControlError as exc:
+            log.error("control socket: %s", exc, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+            self.notifier.notify(f"STATUS=control socket: {exc}")
+            self.control = None
+            return False
+        return True
+
+    def _control_status(self) -> dict[str, Any]:
+        r = self.last_reload
+        return {
+            "pid": os.getpid(),
+            "hostname": self.config.hostname,
+            "config": str(self.config_path) if self.config_path else None,
+            "generation": self.generation,
+            "workers": [{"index": w.index, "pid": w.proc.pid, "ready": w.ready.is_set()}
+                        for w in self.workers.values()],
+            "listeners": [{"address": ls.label, "role": ls.role} for ls in self.listeners],
+            "socket_activated": self.socket_activated,
+            "connections": self.anvil.total,
+            "mode": self.config.delivery.mode,
+            "last_reload": r.to_dict() if r is not None else None,
+            "status": self._status_now(),
+        }
+
+    def _control_connections(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for w in self.workers.values():
+            for ip, n in sorted(w.clients.items()):
+                rows.append({"client": ip, "connections": n, "worker": w.index})
+        return rows
+
+    def _set_log_level(self, level: str) -> None:
+        """``empathctl log-level``: until the next reload or restart, which go back to
+        ``log.level`` from the file. Workers are told too."""
+        setup_logging(level)
+        for worker in self.workers.values():
+            worker.channel.send({"t": "log-level", "level": level})
 
     def _stop_listening(self) -> None:
         """Refuse new connections at once, in every process, when the sockets are ours.

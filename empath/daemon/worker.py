@@ -101,6 +101,8 @@ class Worker:
             elif kind == "config" and self.front is not None:
                 self.channel.send({"t": "applied", "gen": msg.get("gen"),
                                    "error": self._apply(msg)})
+            elif kind == "log-level":
+                setup_logging(str(msg.get("level")))
             elif kind == "stop":
                 self.stop.set()
 

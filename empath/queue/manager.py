@@ -119,6 +119,7 @@ class QueueManager:
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
         self._active: set[str] = set()
+        self._forced: set[str] = set()  # retry_now: ignore next_attempt once
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self._limiters: dict[str, DestinationLimiter] = {}
@@ -168,14 +169,34 @@ class QueueManager:
         heapq.heappush(self._heap, (due, next(self._seq), id))
         self._wake.set()
 
+    def retry_now(self, id: str) -> None:
+        """Try ``id`` now, deferred recipients included (``empathctl queue retry``).
+
+        Kept in memory only: the next attempt disregards the recorded next-attempt
+        times once; nothing is rewritten on disk for it.
+        """
+        self._forced.add(id)
+        self.schedule(id, time.time())
+
     def flush(self) -> int:
-        """Deliver every queued message now (``empathctl queue flush``)."""
-        now = time.time()
-        for id in self._due:
-            self._due[id] = now
-            heapq.heappush(self._heap, (now, next(self._seq), id))
-        self._wake.set()
-        return len(self._due)
+        """Deliver every scheduled message now (``empathctl queue flush``); held mail
+        is never scheduled, so it stays. Returns how many were scheduled."""
+        ids = list(self._due)
+        for id in ids:
+            self.retry_now(id)
+        return len(ids)
+
+    def unschedule(self, id: str) -> None:
+        """Forget ``id`` (held or deleted): its heap entries go stale and are skipped."""
+        self._due.pop(id, None)
+        self._forced.discard(id)
+
+    def is_active(self, id: str) -> bool:
+        """Whether an attempt of ``id`` is starting or running right now."""
+        return id in self._active
+
+    def active_ids(self) -> frozenset[str]:
+        return frozenset(self._active)
 
     def _next_due(self, env: Envelope) -> float | None:
         if env.held:
@@ -208,16 +229,25 @@ class QueueManager:
             holding = self.config.delivery.mode == "hold"
             while not holding and self._heap and self._heap[0][0] <= time.time():
                 due, _, id = heapq.heappop(self._heap)
-                if self._due.get(id) != due or id in self._active:
-                    continue  # stale heap entry, or being delivered right now
+                if self._due.get(id) != due:
+                    continue  # stale heap entry
+                if id in self._active:
+                    # Scheduled again while an attempt runs (queue retry, a reload):
+                    # look again in a second rather than start a second attempt.
+                    self._due[id] = time.time() + 1.0
+                    heapq.heappush(self._heap, (self._due[id], next(self._seq), id))
+                    continue
                 del self._due[id]
+                # Active from here: while we wait for a slot, the control plane must
+                # already see that this message is about to be tried.
+                self._active.add(id)
                 sem = self._sem
                 await sem.acquire()
                 if stopping.is_set():
                     sem.release()
+                    self._active.discard(id)
                     self.schedule(id, due)
                     return
-                self._active.add(id)
                 task = asyncio.create_task(self._attempt_guarded(id, sem))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -268,12 +298,15 @@ class QueueManager:
             env = self.spool.load(id)
         except FileNotFoundError:
             return  # deleted meanwhile (empathctl queue delete)
+        forced = id in self._forced
+        self._forced.discard(id)
         if env.held:
             return
         now = time.time()
         due = [
             r for r in env.recipients
-            if r.state == "pending" or (r.state == "deferred" and (r.next_attempt or 0) <= now)
+            if r.state == "pending"
+            or (r.state == "deferred" and (forced or (r.next_attempt or 0) <= now))
         ]
         lock = asyncio.Lock()  # one envelope write at a time, in result order
         bounced: list[tuple[Recipient, RcptResult]] = []

@@ -1,0 +1,418 @@
+"""Queue and route operations of the control plane, on a ``QueueManager`` and its ``Spool``.
+
+Reading (list, show, stats) loads envelopes from disk in a worker thread, so a
+large queue does not stall the event loop; only the ``.env`` records are read, never
+message bodies (``show`` reads the header block of one message).
+
+Changing a message (retry, hold, release, delete) follows one rule: the queue
+manager owns an envelope while it delivers the message, and writes it back with the
+results. So a message being delivered is never changed (``conflict``, after a short
+wait for the attempt to end). Otherwise the message is first taken off the
+schedule (synchronously, so the scheduler cannot start an attempt meanwhile), then
+its envelope is written or removed through the spool's thread pool, never blocking
+the event loop on an fsync. Retrying needs no write at all: the queue manager is
+told to disregard the recorded next-attempt times once (``retry_now``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from empath.addr import AddressError, normalize_domain
+from empath.config.nexthop import parse_next_hop
+from empath.control.protocol import ProtocolError
+from empath.queue import QueueManager
+from empath.spool import CorruptEnvelope, Envelope, Spool, is_message_id
+
+__all__ = [
+    "MESSAGE_STATES",
+    "active_ids",
+    "delete_message",
+    "dns_cache",
+    "flush_queue",
+    "hold_message",
+    "list_queue",
+    "queue_stats",
+    "release_message",
+    "retry_all",
+    "retry_message",
+    "route_list",
+    "route_set",
+    "route_unset",
+    "show_message",
+]
+
+FINAL = ("delivered", "bounced")
+# Message-level states shown by ``queue list`` / counted by ``queue stats``.
+MESSAGE_STATES = ("pending", "deferred", "held", "active")
+# How long a change waits for a delivery in progress to finish before giving up.
+ACTIVE_WAIT = 5.0
+# Bytes of a message read by ``queue show`` looking for the end of its header.
+MAX_HEADER_BYTES = 256 * 1024
+# Domains listed by ``queue stats`` (the busiest ones).
+STATS_DOMAINS = 50
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def active_ids(qm: QueueManager) -> frozenset[str]:
+    """Ids being delivered right now."""
+    return qm.active_ids()
+
+
+def _is_active(qm: QueueManager, id: str) -> bool:
+    return qm.is_active(id)
+
+
+def queue_id(value: Any) -> str:
+    """A queue id from a request (case-insensitive); bad-request otherwise."""
+    if not isinstance(value, str):
+        raise ProtocolError("bad-request", "a queue id is required")
+    id = value.strip().upper()
+    if not is_message_id(id):
+        raise ProtocolError("bad-request", f"{value!r} is not a queue id")
+    return id
+
+
+def domain_arg(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("bad-request", "a domain is required")
+    try:
+        return normalize_domain(value)
+    except AddressError as exc:
+        raise ProtocolError("bad-request", str(exc)) from None
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _not_found(id: str) -> ProtocolError:
+    return ProtocolError("not-found", f"no message {id} in the queue")
+
+
+def _load(spool: Spool, id: str) -> Envelope:
+    try:
+        return spool.load(id)
+    except FileNotFoundError:
+        raise _not_found(id) from None
+    except (OSError, CorruptEnvelope) as exc:
+        raise ProtocolError("internal", f"cannot read message {id}: {exc}") from None
+
+
+def _load_all(spool: Spool) -> tuple[list[Envelope], int]:
+    """Thread: every readable envelope (oldest first) and how many could not be read."""
+    envelopes: list[Envelope] = []
+    unreadable = 0
+    for id in spool.ids():
+        try:
+            envelopes.append(spool.load(id))
+        except FileNotFoundError:
+            continue  # delivered or deleted since the directory was listed
+        except (OSError, CorruptEnvelope):
+            unreadable += 1
+    return envelopes, unreadable
+
+
+def message_state(env: Envelope, active: bool) -> str:
+    if active:
+        return "active"
+    if env.held:
+        return "held"
+    if any(r.state == "pending" for r in env.recipients):
+        return "pending"
+    if any(r.state == "deferred" for r in env.recipients):
+        return "deferred"
+    return "pending"  # every recipient final: about to be removed
+
+
+def _next_due(env: Envelope) -> float | None:
+    """When the scheduler will next try ``env`` (QueueManager._next_due's rule)."""
+    if env.held:
+        return None
+    times = [(r.next_attempt or 0.0) if r.state == "deferred" else 0.0
+             for r in env.recipients if r.state not in FINAL]
+    return min(times) if times else 0.0
+
+
+def summary(env: Envelope, *, active: bool, now: float) -> dict[str, Any]:
+    """One message as ``queue list`` shows it."""
+    next_attempt = _next_due(env)
+    if next_attempt is not None:
+        next_attempt = max(next_attempt, now)  # due already: "now"
+    last_error = next((r.last_error for r in env.recipients
+                       if r.state not in FINAL and r.last_error), None)
+    return {
+        "id": env.id,
+        "state": message_state(env, active),
+        "received_at": env.received_at,
+        "age": max(0.0, now - env.received_at),
+        "size": env.size,
+        "sender": env.sender,
+        "held": env.held,
+        "next_attempt": next_attempt,
+        "last_error": last_error,
+        "recipients": [
+            {"address": r.address, "state": r.state, "attempts": r.attempts,
+             "next_attempt": r.next_attempt, "last_error": r.last_error}
+            for r in env.recipients
+        ],
+    }
+
+
+async def _wait_idle(qm: QueueManager, id: str, what: str) -> None:
+    """Wait a little for a delivery of ``id`` in progress; conflict if it goes on."""
+    deadline = time.monotonic() + ACTIVE_WAIT
+    while _is_active(qm, id):
+        if time.monotonic() >= deadline:
+            raise ProtocolError(
+                "conflict",
+                f"message {id} is being delivered right now; cannot {what} it until "
+                "this attempt is over — try again in a moment",
+            )
+        await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------------ reading
+
+
+async def list_queue(qm: QueueManager, spool: Spool, *, state: str | None = None,
+                     domain: str | None = None) -> list[dict[str, Any]]:
+    """Queued messages, oldest first, optionally only those in ``state`` or with a
+    recipient still to be delivered at ``domain``."""
+    if state is not None and state not in MESSAGE_STATES:
+        raise ProtocolError("bad-request",
+                            f"unknown state {state!r}; expected one of {', '.join(MESSAGE_STATES)}")
+    envelopes, _ = await asyncio.to_thread(_load_all, spool)
+    active = active_ids(qm)
+    now = time.time()
+    out = []
+    for env in envelopes:
+        if domain is not None and not any(
+            r.state not in FINAL and _domain(r.address) == domain for r in env.recipients
+        ):
+            continue
+        item = summary(env, active=env.id in active, now=now)
+        if state is not None and item["state"] != state:
+            continue
+        out.append(item)
+    return out
+
+
+def _read_headers(spool: Spool, id: str) -> tuple[list[list[str]], bool]:
+    """Thread: the header fields of message ``id`` as [name, unfolded value] pairs,
+    and whether the header block was longer than we read."""
+    with spool.open_data(id) as f:
+        data: bytes = f.read(MAX_HEADER_BYTES)
+    if data.startswith((b"\r\n", b"\n")):
+        end = 0  # no header at all
+    else:
+        ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+        end = min(ends) if ends else len(data)
+    # Cut short only if we stopped reading before the header ended.
+    truncated = end == len(data) and len(data) >= MAX_HEADER_BYTES
+    text = data[:end].decode("utf-8", "replace")
+    fields: list[list[str]] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line:
+            continue
+        if line[0] in " \t" and fields:
+            fields[-1][1] += " " + line.strip()  # unfolding (RFC 5322 §2.2.3)
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            fields.append([name, value.strip()])
+        else:
+            fields.append(["", line])  # not a header field; show it as it is
+    return fields, truncated
+
+
+async def show_message(qm: QueueManager, spool: Spool, id: str) -> dict[str, Any]:
+    env = await asyncio.to_thread(_load, spool, id)
+    try:
+        headers, truncated = await asyncio.to_thread(_read_headers, spool, id)
+    except FileNotFoundError:
+        raise _not_found(id) from None
+    except OSError as exc:
+        raise ProtocolError("internal", f"cannot read message {id}: {exc}") from None
+    return {
+        "message": summary(env, active=_is_active(qm, id), now=time.time()),
+        "envelope": dataclasses.asdict(env),
+        "headers": headers,
+        "headers_truncated": truncated,
+    }
+
+
+async def queue_stats(qm: QueueManager, spool: Spool) -> dict[str, Any]:
+    envelopes, unreadable = await asyncio.to_thread(_load_all, spool)
+    active = active_ids(qm)
+    now = time.time()
+    states: Counter[str] = Counter(dict.fromkeys(MESSAGE_STATES, 0))
+    rcpt_states: Counter[str] = Counter({"pending": 0, "deferred": 0, "delivered": 0,
+                                         "bounced": 0})
+    domains: dict[str, Counter[str]] = defaultdict(Counter)
+    oldest: Envelope | None = None
+    size = 0
+    for env in envelopes:
+        states[message_state(env, env.id in active)] += 1
+        size += env.size
+        if oldest is None or env.received_at < oldest.received_at:
+            oldest = env
+        seen: set[str] = set()
+        for r in env.recipients:
+            rcpt_states[r.state] += 1
+            if r.state in FINAL:
+                continue
+            d = _domain(r.address)
+            domains[d][r.state] += 1
+            if d not in seen:
+                seen.add(d)
+                domains[d]["messages"] += 1
+    by_domain: list[dict[str, Any]] = sorted(
+        ({"domain": d, "messages": c["messages"], "pending": c["pending"],
+          "deferred": c["deferred"]} for d, c in domains.items()),
+        key=lambda x: (-(x["pending"] + x["deferred"]), x["domain"]),
+    )
+    stats = qm.stats
+    return {
+        "messages": len(envelopes),
+        "size": size,
+        "by_state": dict(states),
+        "recipients": dict(rcpt_states),
+        "by_domain": by_domain[:STATS_DOMAINS],
+        "domains": len(by_domain),
+        "oldest_id": oldest.id if oldest is not None else None,
+        "oldest_age": max(0.0, now - oldest.received_at) if oldest is not None else None,
+        "unreadable": unreadable,
+        "mode": qm.config.delivery.mode,
+        "scheduler": {"scheduled": qm.size, "active": qm.active,
+                      "max_deliveries": qm.config.delivery.max_deliveries},
+        "since_start": {"delivered": stats.delivered, "deferred": stats.deferred,
+                        "bounced": stats.bounced, "dsns": stats.dsns},
+        "destinations": qm.limiter_state(),
+    }
+
+
+# ------------------------------------------------------------------ changing
+
+
+def _deferred(env: Envelope) -> list[str]:
+    return [r.address for r in env.recipients if r.state == "deferred"]
+
+
+async def retry_message(qm: QueueManager, spool: Spool, id: str) -> dict[str, Any]:
+    """Try ``id`` now, its deferred recipients included."""
+    await _wait_idle(qm, id, "retry")
+    env = _load(spool, id)
+    if env.held:
+        raise ProtocolError("conflict", f"message {id} is on hold; release it first")
+    qm.retry_now(id)
+    return {"id": id, "recipients": _deferred(env)}
+
+
+async def retry_all(qm: QueueManager, spool: Spool) -> dict[str, Any]:
+    """Every message that is not held is tried now, deferred recipients included.
+
+    Held messages are never on the schedule, so they stay; nothing is read or
+    written on disk for this.
+    """
+    busy = sorted(qm.active_ids())
+    messages = qm.flush()
+    return {"messages": messages, "active": busy, "mode": qm.config.delivery.mode}
+
+
+async def flush_queue(qm: QueueManager, spool: Spool) -> dict[str, Any]:
+    """``queue flush``: try everything not held now, deferred recipients included."""
+    return await retry_all(qm, spool)
+
+
+async def hold_message(qm: QueueManager, spool: Spool, id: str, held: bool) -> dict[str, Any]:
+    """Set or clear the message's hold; returns whether it changed."""
+    await _wait_idle(qm, id, "hold" if held else "release")
+    env = _load(spool, id)
+    changed = env.held != held
+    if held:
+        qm.unschedule(id)  # before the write: no attempt can start meanwhile
+    if changed:
+        env.held = held
+        try:
+            await spool.update_async(env)
+        except FileNotFoundError:
+            raise _not_found(id) from None
+    if not held:
+        due = _next_due(env)
+        if due is not None:
+            qm.schedule(id, due)
+    return {"id": id, "held": held, "changed": changed}
+
+
+async def release_message(qm: QueueManager, spool: Spool, id: str) -> dict[str, Any]:
+    return await hold_message(qm, spool, id, False)
+
+
+async def delete_message(qm: QueueManager, spool: Spool, id: str) -> dict[str, Any]:
+    """Remove the message from the spool, without a bounce (like ``postsuper -d``)."""
+    await _wait_idle(qm, id, "delete")
+    env = _load(spool, id)
+    qm.unschedule(id)
+    try:
+        await spool.remove_async(id)
+    except FileNotFoundError:
+        raise _not_found(id) from None
+    return {"id": id, "sender": env.sender,
+            "recipients": [r.address for r in env.recipients if r.state not in FINAL]}
+
+
+# ------------------------------------------------------------------ DNS, routes
+
+
+def dns_cache(qm: QueueManager, *, clear: bool) -> dict[str, Any]:
+    if clear:
+        return {"cleared": qm.dns.clear_cache()}
+    return {"entries": qm.dns.cache_entries()}
+
+
+def route_list(qm: QueueManager) -> dict[str, Any]:
+    config_routes = qm.config.delivery.routes
+    overrides = qm.overrides
+    routes = []
+    for domain in sorted(set(config_routes) | set(overrides)):
+        if domain in overrides:
+            entry: dict[str, Any] = {"domain": domain, "nexthop": overrides[domain],
+                                     "source": "override"}
+            if domain in config_routes:
+                entry["config_nexthop"] = config_routes[domain]
+        else:
+            entry = {"domain": domain, "nexthop": config_routes[domain], "source": "config"}
+        routes.append(entry)
+    d = qm.config.delivery
+    return {"routes": routes, "mode": d.mode, "relayhost": d.relayhost}
+
+
+def route_set(qm: QueueManager, domain: str, nexthop: Any) -> dict[str, Any]:
+    if not isinstance(nexthop, str) or not nexthop.strip():
+        raise ProtocolError("bad-request", "a next hop is required (e.g. smtp:HOST:PORT)")
+    try:
+        canonical = str(parse_next_hop(nexthop.strip()))
+    except ValueError as exc:
+        text = str(exc)
+        if not text.startswith("next hop"):
+            text = f"next hop {nexthop.strip()!r}: {text}"
+        raise ProtocolError("bad-request", text) from None
+    previous = qm.overrides.get(domain)
+    qm.overrides[domain] = canonical
+    return {"domain": domain, "nexthop": canonical, "previous": previous,
+            "config_nexthop": qm.config.delivery.routes.get(domain)}
+
+
+def route_unset(qm: QueueManager, domain: str) -> dict[str, Any]:
+    previous = qm.overrides.pop(domain, None)
+    if previous is None:
+        raise ProtocolError("not-found", f"no runtime route override for {domain}")
+    return {"domain": domain, "previous": previous,
+            "config_nexthop": qm.config.delivery.routes.get(domain)}
