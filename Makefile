@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv deps lint typecheck pytest bench bench-relay clean
+.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean
 
 $(BIN)/empath: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,19 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The whole suite in one run, the system tests (tests/system: empath under a real
+# systemd booted with systemd-nspawn, needs root) included; scripts/system-rootfs
+# builds their cached Debian 12 rootfs first (about a minute the first time).
 pytest: venv
+	scripts/system-rootfs
 	$(BIN)/pytest
 
 test: deps venv lint typecheck pytest
+
+# Only the system tests.
+system-test: venv
+	scripts/system-rootfs
+	$(BIN)/pytest tests/system
 
 bench: venv
 	$(BIN)/python bench/accept.py --empath-cmd "$(abspath $(BIN))/empath"
