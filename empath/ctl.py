@@ -2,7 +2,7 @@
 
 Human tables by default, ``--json`` for machines (the daemon's result, as is).
 Exit status: 0 done; 1 the daemon said no (refused reload, unknown id, permission
-denied by the daemon, …); 2 usage error; 69 the daemon cannot be reached.
+denied by the daemon, …); 2 usage error; 3 the daemon cannot be reached.
 
 The socket is, in this order: ``--socket``; ``$EMPATH_CONTROL_SOCKET``;
 ``control.socket`` from the configuration file (``--config``, ``$EMPATH_CONFIG``,
@@ -41,7 +41,7 @@ __all__ = ["main"]
 EX_OK = 0
 EX_REFUSED = 1
 EX_USAGE = 2
-EX_UNAVAILABLE = 69
+EX_UNREACHABLE = 3
 
 DEFAULT_CONFIG = Path("/etc/empath/empath.yaml")
 DEFAULT_TIMEOUT = 60.0
@@ -49,7 +49,7 @@ ADMIN_GROUP = "empath-admin"
 
 
 class Unavailable(Exception):
-    """The daemon cannot be reached or talked to (exit 69)."""
+    """The daemon cannot be reached or talked to (exit 3)."""
 
 
 class Refused(Exception):
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="empathctl", description="Control the running empath daemon.",
         epilog="exit status: 0 ok, 1 the daemon refused or failed, 2 usage, "
-               "69 cannot reach the daemon",
+               "3 cannot reach the daemon",
     )
     p.add_argument("--socket", "-s", metavar="PATH",
                    help="control socket (default: $EMPATH_CONTROL_SOCKET, control.socket "
@@ -661,8 +661,9 @@ def _main(argv: list[str] | None) -> int:
         _report_refusal(exc, ns.json)
         return EX_REFUSED
     except Unavailable as exc:
-        print(f"empathctl: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        print(f"empathctl: {exc}\n(is the daemon running? see `systemctl status empath`)",
+              file=sys.stderr)
+        return EX_UNREACHABLE
     except KeyboardInterrupt:
         return 130
     if ns.json:

@@ -830,7 +830,7 @@ def test_token_file_must_not_be_world_readable(ctl: Ctl, tmp_path: Path) -> None
 def test_nobody_is_kept_out_by_the_socket_mode(ctl: Ctl, nobody: None) -> None:
     ctl.start()  # group empath-admin does not exist here: root's group, 0660
     p = ctl.ctl("status", user=as_nobody())
-    assert p.returncode == 69
+    assert p.returncode == 3
     assert "permission denied" in p.stderr
     assert "you need to be root or in group empath-admin" in p.stderr
 
@@ -891,13 +891,13 @@ def test_audit_log_names_the_peer(served: Ctl, caplog: pytest.LogCaptureFixture)
 
 def test_client_without_daemon(ctl: Ctl) -> None:
     p = ctl.ctl("status")
-    assert p.returncode == 69
+    assert p.returncode == 3
     assert f"is empath running? no socket at {ctl.path}" in p.stderr
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(ctl.path))
     stale.close()
     p = ctl.ctl("status")
-    assert p.returncode == 69 and "nothing is listening" in p.stderr
+    assert p.returncode == 3 and "nothing is listening" in p.stderr
 
 
 def test_client_usage_errors(ctl: Ctl) -> None:
@@ -919,7 +919,7 @@ def test_client_finds_the_socket(served: Ctl, tmp_path: Path) -> None:
     cfg.write_text(f"control: {{socket: {served.path}}}\nlimits: {{max_recipients: 0}}\n"
                    "hostname: [\n")
     p = served.ctl("--config", str(cfg), "status", socket_arg=False)
-    assert p.returncode == 69  # YAML broken: the default socket is tried (and absent here)
+    assert p.returncode == 3  # YAML broken: the default socket is tried (and absent here)
     cfg.write_text(f"control: {{socket: {served.path}}}\nlimits: {{max_recipients: 0}}\n")
     assert "4242" in served.ok("--config", str(cfg), "status", socket_arg=False)
     # control.socket null: <state_dir>/control.sock (the development setup).
@@ -975,7 +975,7 @@ def test_close_ends_streams_and_removes_the_socket(served: Ctl) -> None:
         while line := f.readline():  # updates already sent, then end of stream
             assert json.loads(line)["ok"] is True
     assert not served.path.exists()
-    assert served.ctl("status").returncode == 69
+    assert served.ctl("status").returncode == 3
 
 
 def test_token_file_changed_at_reload(served: Ctl, tmp_path: Path) -> None:
