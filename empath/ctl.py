@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import textwrap
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -283,31 +284,110 @@ def _addr(a: str) -> str:
     return f"<{a}>"
 
 
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
+
+
+def _reload_text(r: Mapping[str, Any]) -> str:
+    at = f" at {_clock(r['at'])}" if isinstance(r.get("at"), int | float) else ""
+    gen = f" (generation {r['generation']})" if r.get("generation") else ""
+    errors = "; ".join(str(e) for e in r.get("errors") or [])
+    if r.get("ok"):
+        changed = ", ".join(str(c) for c in r.get("changed") or []) or "nothing"
+        return f"ok{at}{gen}, changed: {changed}"
+    word = "FAILED (applied, but not everywhere)" if r.get("applied") else "REFUSED"
+    return f"{word}{at}{gen}: {errors or 'no reason given'}"
+
+
 def show_status(r: Mapping[str, Any], out: TextIO) -> None:
-    print_mapping(r, out)
+    v = dict(r)
+    uptime = v.get("uptime")
+    if isinstance(uptime, int | float):
+        v["uptime"] = duration(uptime) + (f" ({uptime:.0f} s)" if uptime >= 60 else "")
+    if isinstance(v.get("started_at"), int | float):
+        v["started_at"] = _clock(v["started_at"])
+    if isinstance(v.get("listeners"), list):
+        v["listeners"] = [f"{x.get('address')} ({x.get('role')})" if isinstance(x, Mapping)
+                          else str(x) for x in v["listeners"]]
+    if isinstance(v.get("workers"), list):
+        v["workers"] = [
+            f"{w.get('index')} (pid {w.get('pid')}{'' if w.get('ready', True) else ', starting'})"
+            if isinstance(w, Mapping) else str(w) for w in v["workers"]]
+    if "last_reload" in v:
+        lr = v["last_reload"]
+        v["last_reload"] = _reload_text(lr) if isinstance(lr, Mapping) else "none since start"
+    print_mapping(v, out)
+
+
+# Column widths of ``queue list``: fixed, because it is printed as it streams in.
+_LIST_WIDTHS = (26, 9, 6, 6, 9)
+
+
+def _list_line(cells: Sequence[str]) -> str:
+    head = "  ".join(c.ljust(w) for c, w in zip(cells, _LIST_WIDTHS, strict=False))
+    return f"{head}  {cells[-1]}".rstrip()
+
+
+class ListPrinter:
+    """``queue list`` as a table, page by page while the daemon streams it."""
+
+    def __init__(self, out: TextIO, *, limit: int | None = None, offset: int = 0) -> None:
+        self.out = out
+        self.limit = limit
+        self.offset = offset
+        self.count = 0
+        self.total = 0
+
+    def page(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        out = self.out
+        if self.count == 0 and rows:
+            print(_list_line(["ID", "STATE", "AGE", "SIZE", "NEXT", "SENDER / RECIPIENTS"]),
+                  file=out)
+        now = time.time()
+        for m in rows:
+            self.count += 1
+            self.total += int(m.get("size") or 0)
+            nxt = until(m.get("next_attempt"), now) if m["state"] != "held" else "held"
+            print(_list_line([m["id"], m["state"], duration(m.get("age")), size(m.get("size")),
+                              nxt, _addr(m["sender"])]), file=out)
+            for r in m.get("recipients", []):
+                extra = ""
+                if r["state"] not in ("delivered", "bounced") and r.get("attempts"):
+                    extra = f"attempts {r['attempts']}"
+                if r.get("last_error") and r["state"] != "delivered":
+                    extra = f"{extra}  {r['last_error']}".strip()
+                print(_list_line(["  " + r["address"], r["state"], "", "", "", extra]),
+                      file=out)
+
+    def finish(self) -> None:
+        if self.count == 0:
+            text = (f"no messages after the first {self.offset}" if self.offset
+                    else "queue is empty")
+            print(text, file=self.out)
+            return
+        text = f"-- {self.count} message(s), {size(self.total)}"
+        if self.limit is not None and self.count >= self.limit:
+            text += (f" (--limit {self.limit}: there may be more; "
+                     f"--offset {self.offset + self.count} shows the next)")
+        print(text, file=self.out)
 
 
 def show_list(rows: Sequence[Mapping[str, Any]], out: TextIO) -> None:
-    if not rows:
-        print("queue is empty", file=out)
-        return
-    now = time.time()
-    lines: list[list[Any]] = []
-    total = 0
-    for m in rows:
-        total += int(m.get("size") or 0)
-        lines.append([m["id"], m["state"], duration(m.get("age")), size(m.get("size")),
-                      until(m.get("next_attempt"), now) if m["state"] != "held" else "held",
-                      _addr(m["sender"])])
-        for r in m.get("recipients", []):
-            extra = ""
-            if r["state"] not in ("delivered", "bounced") and r.get("attempts"):
-                extra = f"attempts {r['attempts']}"
-            if r.get("last_error") and r["state"] != "delivered":
-                extra = f"{extra}  {r['last_error']}".strip()
-            lines.append(["  " + r["address"], r["state"], "", "", "", extra])
-    table(lines, ["ID", "STATE", "AGE", "SIZE", "NEXT", "SENDER / RECIPIENTS"], out)
-    print(f"-- {len(rows)} message(s), {size(total)}", file=out)
+    printer = ListPrinter(out)
+    printer.page(rows)
+    printer.finish()
+
+
+def print_json_array(pages: Iterator[Any], out: TextIO) -> None:
+    """The items of every page as one JSON array, printed as the pages arrive (the
+    same text ``json.dumps(items, indent=2)`` gives)."""
+    first = True
+    for items in pages:
+        for item in items or []:
+            text = json.dumps(item, indent=2, ensure_ascii=True)
+            out.write(("[\n" if first else ",\n") + textwrap.indent(text, "  "))
+            first = False
+    out.write("[]\n" if first else "\n]\n")
 
 
 def show_message(r: Mapping[str, Any], out: TextIO) -> None:
@@ -336,6 +416,15 @@ def show_message(r: Mapping[str, Any], out: TextIO) -> None:
              until(rc.get("next_attempt"), now) if rc["state"] == "deferred" else "",
              rc.get("last_error") or ""] for rc in env["recipients"]]
     table(rows, ["ADDRESS", "STATE", "ATTEMPTS", "NEXT", "LAST ERROR"], out, indent="  ")
+    history = [[rc["address"],
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"])),
+                h["status"], h["enhanced"], h.get("relay") or "-", h.get("tls") or "-",
+                h["diagnostic"]]
+               for rc in env["recipients"] for h in rc.get("history") or []]
+    if history:
+        print("attempts (last 10 per recipient):", file=out)
+        table(history, ["ADDRESS", "AT", "RESULT", "STATUS", "RELAY", "TLS", "DIAGNOSTIC"],
+              out, indent="  ")
     print("headers:", file=out)
     for name, value in r["headers"]:
         print(f"  {name}: {value}" if name else f"  {value}", file=out)
@@ -445,14 +534,35 @@ def show_route_unset(r: Mapping[str, Any], out: TextIO) -> None:
     print(f"{r['domain']}: override {r['previous']} removed; now {now}", file=out)
 
 
-def show_connections(rows: Sequence[Mapping[str, Any]], out: TextIO) -> None:
-    if not rows:
+def _printable(text: Any, width: int = 40) -> str:
+    """Client-supplied text (a HELO name) made safe for a terminal, and cut short."""
+    if text is None:
+        return "-"
+    clean = "".join(c if c.isprintable() else "?" for c in str(text))
+    return clean if len(clean) <= width else clean[: width - 3] + "..."
+
+
+def show_connections(r: Any, out: TextIO) -> None:
+    rows = r.get("connections", []) if isinstance(r, Mapping) else list(r)
+    workers = r.get("workers", []) if isinstance(r, Mapping) else []
+    if rows:
+        lines = []
+        for c in rows:
+            tls = (c.get("tls_version") or "yes") if c.get("tls") else "no"
+            lines.append([c.get("peer") or f"{c.get('client')}:{c.get('port')}",
+                          c.get("role"), c.get("state"), _printable(c.get("helo")), tls,
+                          duration(c.get("duration")), c.get("worker")])
+        table(lines, ["CLIENT", "ROLE", "STATE", "HELO", "TLS", "DURATION", "WORKER"], out)
+        answered = sum(1 for w in workers if w.get("ok"))
+        print(f"-- {len(rows)} connection(s)"
+              + (f", from {answered} worker(s)" if workers else ""), file=out)
+    else:
         print("no SMTP connections", file=out)
-        return
-    header = list(rows[0].keys())
-    for row in rows[1:]:
-        header += [k for k in row if k not in header]
-    table([[row.get(k) for k in header] for row in rows], [h.upper() for h in header], out)
+    for w in workers:
+        if not w.get("ok"):
+            print(f"empathctl: warning: worker {w.get('index')} (pid {w.get('pid')}) "
+                  f"{w.get('error') or 'did not answer'}; its connections are not listed",
+                  file=sys.stderr)
 
 
 def show_reload(r: Mapping[str, Any], out: TextIO) -> None:
@@ -474,10 +584,40 @@ def show_log_level(r: Mapping[str, Any], out: TextIO) -> None:
 # ------------------------------------------------------------------ commands
 
 
+ID = "01M8RYKMRQGQT5S3V289QEJXPY"
+
+
+def _add(sub: Any, name: str, text: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description=text[:1].upper() + text[1:] + ".", epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+def _whole(minimum: int) -> Any:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return n
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="empathctl", description="Control the running empath daemon.",
-        epilog="exit status: 0 ok, 1 the daemon refused or failed, 2 usage, "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  empathctl status\n"
+               "  empathctl queue list --status deferred\n"
+               "  empathctl --json queue list --limit 100 | jq -r '.[].id'\n"
+               "  empathctl --config /etc/empath/empath.yaml reload --wait\n\n"
+               "exit status: 0 ok, 1 the daemon refused or failed, 2 usage, "
                "3 cannot reach the daemon",
     )
     p.add_argument("--socket", "-s", metavar="PATH",
@@ -494,53 +634,80 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how long to wait for the daemon (default {DEFAULT_TIMEOUT:g})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("status", help="daemon status")
+    _add(sub, "status", "daemon status: version, uptime, listeners, queue counters",
+         "empathctl status", "empathctl --json status | jq .queue")
 
-    q = sub.add_parser("queue", help="inspect and manage the queue")
+    q = _add(sub, "queue", "inspect and manage the queue",
+             "empathctl queue list --status deferred", f"empathctl queue retry {ID}",
+             "empathctl queue stats --watch")
     qs = q.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
-    x = qs.add_parser("list", help="list queued messages (oldest first)")
+    x = _add(qs, "list", "list queued messages (oldest first)",
+             "empathctl queue list --status deferred --domain example.net",
+             "empathctl queue list --limit 50 --offset 100",
+             "empathctl --json queue list | jq -r '.[] | select(.state == \"held\") | .id'")
     x.add_argument("--status", choices=("pending", "deferred", "held", "active"),
                    help="only messages in this state")
     x.add_argument("--domain", help="only messages with a recipient still to deliver there")
-    x = qs.add_parser("show", help="a message's envelope and headers")
+    x.add_argument("--limit", type=_whole(1), metavar="N",
+                   help="at most N messages (after --offset)")
+    x.add_argument("--offset", type=_whole(0), default=0, metavar="N",
+                   help="skip the first N matching messages")
+    x = _add(qs, "show", "a message's envelope and headers (never the body)",
+             f"empathctl queue show {ID}")
     x.add_argument("id")
-    x = qs.add_parser("retry", help="make deferred recipients due now")
+    x = _add(qs, "retry", "make deferred recipients due now",
+             f"empathctl queue retry {ID}", "empathctl queue retry --all")
     g = x.add_mutually_exclusive_group(required=True)
     g.add_argument("id", nargs="?")
     g.add_argument("--all", action="store_true", help="every message not held")
     for name, text in (("hold", "hold a message (not delivered until released)"),
-                       ("release", "release a held message"),
-                       ("delete", "delete a message (no bounce is sent)")):
-        x = qs.add_parser(name, help=text)
+                       ("release", "release a held message (tried at its own retry time; "
+                                   "add `queue retry ID` to try it now)")):
+        x = _add(qs, name, text, f"empathctl queue {name} {ID}")
         x.add_argument("id")
-    qs.add_parser("flush", help="try every message not held now (deferred ones too)")
-    x = qs.add_parser("stats", help="counts by state and domain")
+    x = _add(qs, "delete", "delete a message (no bounce is sent); asks first on a terminal",
+             f"empathctl queue delete {ID}", f"empathctl queue delete --yes {ID}")
+    x.add_argument("id")
+    x.add_argument("--yes", "-y", action="store_true",
+                   help="do not ask for confirmation (required when stdin is not a terminal)")
+    _add(qs, "flush", "try every message not held now (deferred ones too)",
+         "empathctl queue flush")
+    x = _add(qs, "stats", "counts by state and domain",
+             "empathctl queue stats", "empathctl queue stats --watch --interval 5",
+             "empathctl --json queue stats --watch --count 10 > stats.ndjson")
     x.add_argument("--watch", action="store_true", help="refresh until interrupted")
     x.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between refreshes with --watch (default 2)")
     x.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N updates")
 
-    d = sub.add_parser("dns", help="the delivery DNS cache")
+    d = _add(sub, "dns", "the delivery DNS cache", "empathctl dns cache",
+             "empathctl dns cache --clear")
     ds = d.add_subparsers(dest="dns_command", required=True, metavar="SUBCOMMAND")
-    x = ds.add_parser("cache", help="show the DNS cache")
+    x = _add(ds, "cache", "show the DNS cache (or clear it)", "empathctl dns cache",
+             "empathctl dns cache --clear")
     x.add_argument("--clear", action="store_true", help="forget every cached answer")
 
-    r = sub.add_parser("route", help="runtime next-hop overrides of delivery.routes")
+    r = _add(sub, "route", "runtime next-hop overrides of delivery.routes",
+             "empathctl route list", "empathctl route set example.net smtp:10.0.0.5:25")
     rs = r.add_subparsers(dest="route_command", required=True, metavar="SUBCOMMAND")
-    x = rs.add_parser("set", help="route DOMAIN to NEXTHOP until restart")
+    x = _add(rs, "set", "route DOMAIN to NEXTHOP until restart",
+             "empathctl route set example.net smtp:10.0.0.5:25",
+             "empathctl route set example.com lmtp:/run/dovecot/lmtp")
     x.add_argument("domain")
     x.add_argument("nexthop", help="smtp:HOST[:PORT], lmtp:HOST:PORT, lmtp:/socket, "
                                    "maildir:/path or mx:DOMAIN")
-    x = rs.add_parser("unset", help="remove the override for DOMAIN")
+    x = _add(rs, "unset", "remove the override for DOMAIN", "empathctl route unset example.net")
     x.add_argument("domain")
-    rs.add_parser("list", help="configured routes and overrides")
+    _add(rs, "list", "configured routes and overrides", "empathctl route list")
 
-    x = sub.add_parser("reload", help="re-read the configuration")
+    x = _add(sub, "reload", "re-read the configuration", "empathctl reload --wait")
     x.add_argument("--wait", action="store_true",
                    help="wait until it was applied or refused; exit 1 if refused")
-    x = sub.add_parser("log-level", help="set the daemon's log level")
+    x = _add(sub, "log-level", "set the daemon's log level until the next reload or restart",
+             "empathctl log-level debug", "empathctl log-level info")
     x.add_argument("level", choices=("debug", "info", "warning", "error"))
-    sub.add_parser("connections", help="current SMTP clients")
+    _add(sub, "connections", "open SMTP sessions: client, state, HELO, TLS, duration, worker",
+         "empathctl connections", "empathctl --json connections | jq '.connections | length'")
     return p
 
 
@@ -556,6 +723,11 @@ def request_for(ns: argparse.Namespace) -> Request:
         q = ns.queue_command
         if q == "list":
             args = {k: v for k, v in (("status", ns.status), ("domain", ns.domain)) if v}
+            if ns.limit is not None:
+                args["limit"] = ns.limit
+            if ns.offset:
+                args["offset"] = ns.offset
+            args["stream"] = True  # pages as they are read: no size limit on the queue
             return "queue.list", args, show_list
         if q == "show":
             return "queue.show", {"id": ns.id}, show_message
@@ -618,13 +790,38 @@ def _report_refusal(exc: Refused, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
     except BrokenPipeError:
-        # Output piped into head(1) or similar: stop quietly, as other tools do.
+        # Output piped into head(1) or similar: stop quietly, as other tools do. The
+        # interpreter flushes stdout once more at exit; let that go to /dev/null.
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EX_OK
+
+
+def _confirm_delete(client: Client, id: str) -> int | None:
+    """Ask before ``queue delete`` (no --yes): None to go ahead, else the exit status."""
+    if not sys.stdin.isatty():
+        print(f"empathctl: not deleting {id}: confirmation needed, but stdin is not a "
+              "terminal; add --yes to delete without asking", file=sys.stderr)
+        return EX_USAGE
+    shown = client.call("queue.show", {"id": id})
+    m = shown["message"]
+    todo = [r["address"] for r in m.get("recipients", [])
+            if r["state"] not in ("delivered", "bounced")]
+    who = ", ".join(todo[:3]) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
+    sys.stderr.write(f"delete {m['id']} ({m['state']}) from {_addr(m['sender'])} to "
+                     f"{len(todo)} undelivered recipient(s){': ' + who if who else ''}?\n"
+                     "No bounce is sent. [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if answer.strip().lower() in ("y", "yes"):
+        return None
+    print("empathctl: not deleted", file=sys.stderr)
+    return EX_REFUSED
 
 
 def _main(argv: list[str] | None) -> int:
@@ -641,6 +838,10 @@ def _main(argv: list[str] | None) -> int:
         timeout = max(timeout, 3 * float(args["interval"]) + 30)
     client = Client(path, _token(ns.token_file, ns.config), timeout)
     try:
+        if cmd == "queue.delete" and not ns.yes:
+            refused = _confirm_delete(client, args["id"])
+            if refused is not None:
+                return refused
         if cmd == "queue.stats" and args.get("watch"):
             tty = sys.stdout.isatty() and not ns.json
             for result in client.stream(cmd, args):
@@ -655,6 +856,17 @@ def _main(argv: list[str] | None) -> int:
                     print(time.strftime("-- %Y-%m-%d %H:%M:%S"))
                 show_stats(result, sys.stdout)
                 sys.stdout.flush()
+            return EX_OK
+        if cmd == "queue.list":
+            pages = client.stream(cmd, args)
+            if ns.json:
+                print_json_array(pages, sys.stdout)
+                return EX_OK
+            printer = ListPrinter(sys.stdout, limit=args.get("limit"),
+                                  offset=args.get("offset", 0))
+            for page in pages:
+                printer.page(page or [])
+            printer.finish()
             return EX_OK
         result = client.call(cmd, args)
     except Refused as exc:

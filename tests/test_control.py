@@ -9,13 +9,17 @@ holding committed messages. Peer-credential tests run the client as ``nobody``
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import json
 import logging
 import os
+import pty
 import secrets
+import shlex
 import shutil
 import socket
 import stat
@@ -36,11 +40,12 @@ from empath.config.model import Config
 from empath.control import control_socket_path, queueops
 from empath.control.auth import ControlError
 from empath.control.commands import ControlHandlers
-from empath.control.protocol import MAX_REQUEST
+from empath.control.protocol import MAX_LIST, MAX_REQUEST
 from empath.control.server import ControlServer
 from empath.delivery.dns import _Entry
 from empath.queue import QueueManager
 from empath.spool import Envelope, Recipient, Spool
+from empath.spool.ids import new_message_id
 from tests.harness import REPO
 
 T = TypeVar("T")
@@ -101,8 +106,18 @@ class FakeDaemon:
             raise self.reload_raises
         return self.reload_result
 
-    def connections(self) -> list[dict[str, Any]]:
-        return [{"client": "192.0.2.7", "connections": 2, "worker": 0}]
+    async def connections(self) -> dict[str, Any]:
+        return {
+            "connections": [{"client": "192.0.2.7", "port": 40007, "peer": "192.0.2.7:40007",
+                             "role": "smtp", "listener": "127.0.0.1:25", "state": "data",
+                             "helo": "client.example\x1b[2J", "tls": True,
+                             "tls_version": "TLSv1.3", "authenticated": None, "messages": 1,
+                             "connected_at": time.time() - 75, "duration": 75.0,
+                             "worker": 0, "pid": 101}],
+            "workers": [{"index": 0, "pid": 101, "ok": True, "connections": 1},
+                        {"index": 1, "pid": 102, "ok": False,
+                         "error": "did not answer within 2 s"}],
+        }
 
     def set_log_level(self, level: str) -> None:
         self.levels.append(level)
@@ -193,7 +208,7 @@ class Ctl:
         if socket_arg:
             cmd += ["--socket", str(self.path)]
         return subprocess.run([*cmd, *args], capture_output=True, text=True, env=environ,
-                              cwd="/", timeout=60, check=False)
+                              cwd="/", timeout=60, check=False, stdin=subprocess.DEVNULL)
 
     def ok(self, *args: str, **kwargs: Any) -> str:
         p = self.ctl(*args, **kwargs)
@@ -403,6 +418,152 @@ def test_queue_list_filters(served: Ctl) -> None:
     assert p.returncode == 1 and "invalid domain" in p.stderr
 
 
+def test_queue_list_limit_offset_and_stream(served: Ctl) -> None:
+    ids = served.ids
+    order = [ids["pending"], ids["deferred"], ids["multi"], ids["held"]]
+    assert [r["id"] for r in served.json("queue", "list", "--limit", "2")] == order[:2]
+    assert [r["id"] for r in served.json("queue", "list", "--limit", "2", "--offset", "3")
+            ] == order[3:]
+    assert [r["id"] for r in served.json("queue", "list", "--status", "deferred",
+                                         "--offset", "1")] == [ids["multi"]]
+    out = served.ok("queue", "list", "--limit", "1")
+    assert "-- 1 message(s)" in out and "--offset 1 shows the next" in out
+    assert served.ok("queue", "list", "--offset", "9").strip() == "no messages after the first 9"
+    assert served.request("queue.list", {"limit": 0})["result"] == []
+    for bad in ("0", "-1", "x"):
+        assert served.ctl("queue", "list", "--limit", bad).returncode == 2
+    assert served.ctl("queue", "list", "--offset", "-1").returncode == 2
+    # The protocol: one answer, or pages marked "more" and a last line.
+    got = served.request("queue.list", {"limit": 3})
+    assert [r["id"] for r in got["result"]] == order[:3]
+    lines = served.raw(b'{"v":1,"cmd":"queue.list","args":{"stream":true}}\n', responses=2)
+    assert lines[0]["more"] is True and [r["id"] for r in lines[0]["result"]] == order
+    assert lines[1] == {"v": 1, "ok": True, "result": None}
+    empty = served.raw(b'{"v":1,"cmd":"queue.list","args":{"stream":true,'
+                       b'"domain":"none.example"}}\n')
+    assert empty[0] == {"v": 1, "ok": True, "result": None}
+    bad = served.request("queue.list", {"limit": "ten"})
+    assert bad["code"] == "bad-request" and "whole number" in bad["error"]
+    bad = served.request("queue.list", {"stream": True, "status": "bogus"})
+    assert bad["code"] == "bad-request" and "unknown state" in bad["error"]
+
+
+def test_queue_list_stream_sends_empty_pages_while_nothing_matches(
+    served: Ctl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queueops, "LOAD_CHUNK", 1)
+    monkeypatch.setattr(queueops, "LIST_KEEPALIVE", 0.0)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(served.path))
+        s.sendall(b'{"v":1,"cmd":"queue.list","args":{"stream":true,"status":"held"}}\n')
+        f = s.makefile("rb")
+        pages = []
+        while (msg := json.loads(f.readline())).get("more"):
+            pages.append(msg["result"])
+    assert [] in pages
+    assert [m["id"] for page in pages for m in page] == [served.ids["held"]]
+    assert [r["id"] for r in served.json("queue", "list", "--status", "held")] == [
+        served.ids["held"]]
+    assert served.ok("queue", "list", "--domain", "none.example").strip() == "queue is empty"
+
+
+def _fill_queue(ctl: Ctl, n: int) -> None:
+    """``n`` more committed messages, written straight into queue/ (no fsync: fast)."""
+    template = ctl.env("pending")
+    data = (ctl.spool.queue_dir / f"{template.id}.msg").read_bytes()
+    for i in range(n):
+        env = dataclasses.replace(template, id=new_message_id(),
+                                  recipients=[Recipient(f"r{i}@big.example")])
+        (ctl.spool.queue_dir / f"{env.id}.msg").write_bytes(data)
+        (ctl.spool.queue_dir / f"{env.id}.env").write_bytes(env.to_bytes())
+
+
+def test_queue_list_of_a_big_queue_is_streamed_in_pages(served: Ctl) -> None:
+    """More messages than one answer may carry (MAX_LIST): a plain queue.list is
+    refused as too large, a streamed one comes in small pages, and empathctl (which
+    streams) prints them all, as a table or as one JSON array."""
+    n = MAX_LIST + 1500
+    _fill_queue(served, n - 4)
+    got = served.request("queue.list")
+    assert got["ok"] is False and got["code"] == "too-large"
+    assert f"more than {MAX_LIST} messages" in got["error"]
+    assert len(served.request("queue.list", {"limit": 50, "offset": n - 60})["result"]) == 50
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(str(served.path))
+        s.sendall(b'{"v":1,"cmd":"queue.list","args":{"stream":true}}\n')
+        f = s.makefile("rb")
+        count, longest = 0, 0
+        while True:
+            line = f.readline()
+            longest = max(longest, len(line))
+            msg = json.loads(line)
+            assert msg["ok"] is True
+            if not msg.get("more"):
+                break
+            assert 0 < len(msg["result"]) <= queueops.LIST_PAGE
+            count += len(msg["result"])
+    assert count == n
+    assert longest < 1024 * 1024
+    rows = served.json("queue", "list")
+    assert len(rows) == n and len({r["id"] for r in rows}) == n
+    out = served.ok("queue", "list", "--domain", "big.example")
+    assert out.splitlines()[0].split()[:2] == ["ID", "STATE"]
+    assert out.splitlines()[-1].startswith(f"-- {n - 4} message(s)")
+
+
+def test_output_into_a_closed_pipe_is_quiet(served: Ctl) -> None:
+    """`empathctl queue list | head -1`: no BrokenPipeError traceback."""
+    _fill_queue(served, 2000)
+    environ = {**os.environ, "PYTHONPATH": str(REPO)}
+    ctl = f"{shlex.quote(sys.executable)} -m empath.ctl --socket {shlex.quote(str(served.path))}"
+    for args in ("queue list", "--json queue list", "queue stats --watch --interval 0.1"):
+        p = subprocess.run(f"{ctl} {args} | head -1", shell=True, capture_output=True,
+                           text=True, env=environ, timeout=60, check=False,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0
+        assert len(p.stdout.splitlines()) == 1
+        assert p.stderr == "", (args, p.stderr)
+    # Deterministically: the reading end is closed before empathctl writes anything.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([*ctl.split(), "status"], stdout=w, stderr=subprocess.PIPE,
+                           text=True, env=environ, timeout=60, check=False,
+                           stdin=subprocess.DEVNULL)
+    finally:
+        os.close(w)
+    assert p.returncode == 0 and p.stderr == ""
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, (*path, name))
+
+
+def test_every_help_has_an_example() -> None:
+    from empath.ctl import build_parser
+
+    seen = []
+    for path, parser in _subcommands(build_parser()):
+        text = parser.format_help()
+        assert "examples:" in text, path
+        example = text.split("examples:", 1)[1]
+        assert "empathctl " + " ".join(path) in example, (path, example)
+        seen.append(" ".join(path))
+    assert {"status", "queue list", "queue delete", "queue stats", "dns cache", "route set",
+            "reload", "log-level", "connections"} <= set(seen)
+    p = subprocess.run([sys.executable, "-m", "empath.ctl", "queue", "list", "--help"],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0 and "empathctl queue list --limit 50 --offset 100" in p.stdout
+
+
 def test_queue_show(served: Ctl) -> None:
     id = served.ids["deferred"]
     out = served.ok("queue", "show", id.lower())  # ids are case-insensitive
@@ -495,17 +656,65 @@ def test_hold_and_release(served: Ctl, caplog: pytest.LogCaptureFixture) -> None
 def test_delete(served: Ctl, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="empath.control")
     id = served.ids["multi"]
-    out = served.ok("queue", "delete", id)
+    out = served.ok("queue", "delete", "--yes", id)
     assert "deleted" in out and "no bounce" in out
     assert not (served.spool.queue_dir / f"{id}.env").exists()
     assert not (served.spool.queue_dir / f"{id}.msg").exists()
     assert id not in [r["id"] for r in served.json("queue", "list")]
-    p = served.ctl("queue", "delete", id)
+    p = served.ctl("queue", "delete", "-y", id)
     assert p.returncode == 1 and "no message" in p.stderr
     rec = [r for r in control_records(caplog) if "delete id=" in r.getMessage()]
     assert len(rec) == 1
     assert "<eve@b.example>" in rec[0].getMessage()  # undelivered recipients only
     assert "dan@a.example" not in rec[0].getMessage()
+
+
+def _ctl_on_a_terminal(served: Ctl, *args: str, answer: bytes
+                       ) -> tuple[int, str, str]:
+    """empathctl with stdin on a pseudo-terminal (as typed by a person): its exit
+    status, stdout and what it wrote to the terminal side (stderr)."""
+    master, slave = pty.openpty()
+    try:
+        environ = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "empath.ctl", "--socket", str(served.path), *args],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ,
+            cwd="/")
+        os.close(slave)
+        slave = -1
+        os.write(master, answer)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out.decode(), err.decode()
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+
+
+def test_delete_asks_first_on_a_terminal(served: Ctl) -> None:
+    id = served.ids["multi"]
+    env_file = served.spool.queue_dir / f"{id}.env"
+    # Not a terminal and no --yes: refused before anything is sent (usage, exit 2).
+    p = served.ctl("queue", "delete", id)
+    assert p.returncode == 2
+    assert "stdin is not a terminal" in p.stderr and "--yes" in p.stderr
+    assert env_file.exists()
+    # On a terminal: asked, with what would be lost; anything but y/yes keeps it.
+    code, out, err = _ctl_on_a_terminal(served, "queue", "delete", id, answer=b"n\n")
+    assert code == 1, err
+    assert f"delete {id} (deferred) from <alice@example.com>" in err
+    assert "1 undelivered recipient(s): eve@b.example" in err
+    assert "No bounce is sent. [y/N]" in err and "not deleted" in err
+    assert out == ""
+    assert env_file.exists()
+    code, out, err = _ctl_on_a_terminal(served, "queue", "delete", id.lower(), answer=b"yes\n")
+    assert code == 0, err
+    assert f"{id}: deleted" in out
+    assert not env_file.exists()
+    # A message that is not there: said so, nothing asked.
+    code, _, err = _ctl_on_a_terminal(served, "queue", "delete", id, answer=b"y\n")
+    assert code == 1 and f"no message {id}" in err and "[y/N]" not in err
+    assert "--yes" in served.ok("queue", "delete", "--help")
 
 
 def test_changes_refused_while_delivering(
@@ -515,7 +724,7 @@ def test_changes_refused_while_delivering(
     id = served.ids["pending"]
     served.loop.call(lambda: served.qm._active.add(id))
     for verb in ("delete", "hold", "retry"):
-        p = served.ctl("queue", verb, id)
+        p = served.ctl("queue", verb, id, *(["--yes"] if verb == "delete" else []))
         assert p.returncode == 1, (verb, p.stderr)
         assert "being delivered right now" in p.stderr
     assert (served.spool.queue_dir / f"{id}.env").exists()
@@ -524,7 +733,7 @@ def test_changes_refused_while_delivering(
     j = served.json("queue", "retry", "--all")
     assert j["active"] == [id]
     served.loop.call(lambda: served.qm._active.discard(id))
-    served.ok("queue", "delete", id)
+    served.ok("queue", "delete", "--yes", id)
 
 
 def test_queue_stats(served: Ctl) -> None:
@@ -626,10 +835,18 @@ def test_log_level_and_connections(served: Ctl, caplog: pytest.LogCaptureFixture
     r = served.request("log.level", {"level": "loud"})
     assert r["ok"] is False and r["code"] == "bad-request"
     assert any("log level set to debug" in rec.getMessage() for rec in control_records(caplog))
-    out = served.ok("connections")
-    assert "CLIENT" in out and "192.0.2.7" in out
-    assert served.json("connections") == [{"client": "192.0.2.7", "connections": 2,
-                                           "worker": 0}]
+    p = served.ctl("connections")
+    assert p.returncode == 0, p.stderr
+    header, row, footer = p.stdout.splitlines()
+    assert header.split() == ["CLIENT", "ROLE", "STATE", "HELO", "TLS", "DURATION", "WORKER"]
+    assert row.split() == ["192.0.2.7:40007", "smtp", "data", "client.example?[2J", "TLSv1.3",
+                           "1m", "0"]  # the client's control characters are not printed
+    assert footer == "-- 1 connection(s), from 1 worker(s)"
+    assert "worker 1 (pid 102) did not answer within 2 s" in p.stderr
+    j = served.json("connections")
+    assert j["connections"][0]["peer"] == "192.0.2.7:40007"
+    assert j["workers"][1] == {"index": 1, "pid": 102, "ok": False,
+                               "error": "did not answer within 2 s"}
 
 
 def test_unavailable_handlers(ctl: Ctl) -> None:
@@ -707,6 +924,40 @@ def test_oversized_request_then_next_request(served: Ctl) -> None:
         assert json.loads(line)["code"] == "too-large"
     assert served.request("status")["ok"] is True
     assert served.ok("status")
+
+
+def test_too_large_is_answered_while_the_line_is_still_coming(served: Ctl) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(served.path))
+        s.sendall(b"y" * (MAX_REQUEST + 1))  # no newline yet
+        f = s.makefile("rb")
+        assert json.loads(f.readline())["code"] == "too-large"
+        s.sendall(b"y" * 300_000 + b'\n{"v":1,"cmd":"status"}\n')  # the rest, then more
+        assert json.loads(f.readline())["result"]["pid"] == 4242
+
+
+def test_request_timeout_from_the_environment(
+    served: Ctl, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("EMPATH_CONTROL_TIMEOUT", "2.5")
+    assert ControlServer(served.path, served.handlers).request_timeout == 2.5
+    assert ControlServer(served.path, served.handlers, request_timeout=7).request_timeout == 7
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv("EMPATH_CONTROL_TIMEOUT", bad)
+        assert ControlServer(served.path, served.handlers).request_timeout == 30.0
+    assert any("ignoring EMPATH_CONTROL_TIMEOUT" in r.getMessage() for r in caplog.records)
+    monkeypatch.delenv("EMPATH_CONTROL_TIMEOUT")
+    assert ControlServer(served.path, served.handlers).request_timeout == 30.0
+    # A client that sends too slowly is told so and disconnected.
+    server = served.start(path=served.sockdir / "slow.sock", request_timeout=0.5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(server.path))
+        s.sendall(b'{"v":1,')
+        f = s.makefile("rb")
+        assert json.loads(f.readline())["code"] == "timeout"
+        assert f.readline() == b""
 
 
 def test_exactly_max_request_is_accepted(served: Ctl) -> None:
@@ -845,7 +1096,8 @@ def test_nobody_refused_by_peer_credentials(
     assert p.returncode == 1
     assert "permission denied for nobody" in p.stderr
     assert "root or in group empath-admin" in p.stderr
-    p = ctl.ctl("--json", "queue", "delete", "01ARZ3NDEKTSV4RRFFQ69G5FAV", user=as_nobody())
+    p = ctl.ctl("--json", "queue", "delete", "--yes", "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                user=as_nobody())
     assert p.returncode == 1 and json.loads(p.stdout)["code"] == "forbidden"
     assert any(getattr(r, "EMPATH_EVENT", None) == "control-refused" for r in caplog.records)
     assert ctl.ok("status")  # root still gets in

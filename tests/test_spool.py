@@ -32,6 +32,13 @@ from empath.spool import (
     new_message_id,
     store,
 )
+from empath.spool.envelope import (
+    ENVELOPE_VERSION,
+    HISTORY_FIELD_MAX,
+    HISTORY_LIMIT,
+    HISTORY_TEXT_MAX,
+    Attempt,
+)
 from empath.spool.ids import message_id_time
 
 
@@ -109,7 +116,9 @@ def test_commit_sets_size_and_envelope_file_is_versioned_json(spool: Spool) -> N
     asyncio.run(spool.commit(w, env))
     assert env.size == len(MESSAGE) == w.size
     raw = json.loads((spool.queue_dir / f"{w.id}.env").read_bytes())
-    assert raw["version"] == 1 and raw["id"] == w.id and raw["size"] == len(MESSAGE)
+    assert raw["version"] == ENVELOPE_VERSION == 2
+    assert raw["id"] == w.id and raw["size"] == len(MESSAGE)
+    assert [r["history"] for r in raw["recipients"]] == [[], []]
 
 
 def test_empty_message(spool: Spool) -> None:
@@ -548,7 +557,7 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     wrong_id = pair(MESSAGE, env_bytes(good[0], size=len(MESSAGE)))
     wrong_version = pair(MESSAGE, b"")
     obj = json.loads(env_bytes(wrong_version, size=len(MESSAGE)))
-    obj["version"] = 2
+    obj["version"] = ENVELOPE_VERSION + 1
     (q / f"{wrong_version}.env").write_bytes(json.dumps(obj).encode())
     (q / "README").write_text("hello")
     (q / f"{good[0].lower()}.msg").write_bytes(MESSAGE)  # not a valid id
@@ -667,6 +676,15 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
     max_leaves=12,
 )
+_attempts = st.builds(
+    Attempt,
+    at=_time,
+    status=st.sampled_from(["delivered", "deferred", "bounced"]),
+    enhanced=st.from_regex(r"\A[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z"),
+    diagnostic=st.text(max_size=HISTORY_TEXT_MAX),
+    relay=st.none() | st.text(max_size=HISTORY_FIELD_MAX),
+    tls=_opt_text,
+)
 _recipients = st.builds(
     Recipient,
     address=st.text(min_size=1, max_size=40),
@@ -677,6 +695,7 @@ _recipients = st.builds(
     attempts=st.integers(min_value=0, max_value=10**6),
     next_attempt=st.none() | _time,
     last_error=_opt_text,
+    history=st.lists(_attempts, max_size=HISTORY_LIMIT),
 )
 _envelopes = st.builds(
     Envelope,
@@ -703,7 +722,7 @@ _envelopes = st.builds(
 @given(_envelopes)
 def test_envelope_round_trip(env: Envelope) -> None:
     data = env.to_bytes()
-    assert json.loads(data)["version"] == 1
+    assert json.loads(data)["version"] == ENVELOPE_VERSION
     assert Envelope.from_bytes(data) == env
     assert Envelope.from_bytes(data).to_bytes() == data
 
@@ -736,6 +755,8 @@ def test_from_bytes_mutated_fields(env: Envelope, data: st.DataObject) -> None:
     target = obj
     if obj["recipients"] and data.draw(st.booleans()):
         target = obj["recipients"][data.draw(st.integers(0, len(obj["recipients"]) - 1))]
+        if target["history"] and data.draw(st.booleans()):
+            target = target["history"][data.draw(st.integers(0, len(target["history"]) - 1))]
     key = data.draw(st.sampled_from(sorted(target)))
     action = data.draw(st.sampled_from(["replace", "delete", "extra"]))
     if action == "replace":
@@ -781,6 +802,9 @@ def test_from_bytes_specific_corruptions() -> None:
         variant(sender=None),
         compact.replace(b'"received_at":1700000000.25', b'"received_at":NaN'),
         compact.replace(b'"received_at":1700000000.25', b'"received_at":1e400'),
+        # a version-1 record has no history; a version-2 one must have it
+        variant(version=1),
+        variant(recipients=[{k: v for k, v in good["recipients"][0].items() if k != "history"}]),
     ]
     assert cases[-1] != compact
     for data in cases:
@@ -798,6 +822,20 @@ def test_to_bytes_refuses_what_would_not_load() -> None:
         make_env(id, client_port=-1),
         make_env(id, smtputf8=1),
         make_env(id, metadata={"k": {1, 2}}),
+        make_env(id, recipients=[Recipient("x@example.com", history=(
+            Attempt(1.0, "deferred", "4.4.1", "X-Empath; refused"),))]),  # type: ignore[arg-type]
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            Attempt(1.0, "deferred", "4.4.1", "X-Empath; refused")] * (HISTORY_LIMIT + 1))]),
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            Attempt(1.0, "sent", "2.0.0", "ok")])]),
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            Attempt(1.0, "deferred", "4.4", "X-Empath; refused")])]),
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            Attempt(float("inf"), "deferred", "4.4.1", "X-Empath; refused")])]),
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            Attempt(1.0, "deferred", "4.4.1", "x" * (HISTORY_TEXT_MAX + 1))])]),
+        make_env(id, recipients=[Recipient("x@example.com", history=[
+            {"at": 1.0}])]),  # type: ignore[list-item]
     ):
         with pytest.raises(ValueError):
             env.to_bytes()

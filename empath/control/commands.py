@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,8 +63,11 @@ class ControlHandlers:
       int``; missing ones default to ok / empty. ``Supervisor.reload`` returning
       its ``ReloadResult`` fits as is. Raising counts as refused, with the
       exception text as error.
-    - ``connections() -> Sequence[Mapping]``: current SMTP clients (one mapping
-      per row, e.g. ``{"client": ip, "connections": n, "worker": i}``).
+    - ``connections() -> Mapping`` (or an awaitable of one): the open SMTP
+      sessions, ``{"connections": [one mapping per session], "workers": [one
+      mapping per worker asked: index, pid, ok, and error when it did not
+      answer]}``; see ``Supervisor._control_connections``. A plain sequence of
+      rows is taken as ``connections`` with no worker list.
     - ``set_log_level(level)``: ``level`` is one of debug, info, warning, error.
     """
 
@@ -71,7 +75,7 @@ class ControlHandlers:
     spool: Spool
     status: Callable[[], Mapping[str, Any]] | None = None
     reload: Callable[[], Awaitable[object]] | None = None
-    connections: Callable[[], Sequence[Mapping[str, Any]]] | None = None
+    connections: Callable[[], Any] | None = None
     set_log_level: Callable[[str], object] | None = None
     # Serialises reloads started from the control socket.
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -135,6 +139,16 @@ class _Args:
             raise ProtocolError("bad-request", f"argument {key!r} must be true or false")
         return v
 
+    def opt_count(self, key: str) -> int | None:
+        """A whole number >= 0, or None when absent."""
+        v = self._args.get(key)
+        if v is None:
+            return None
+        if type(v) is not int or v < 0:
+            raise ProtocolError("bad-request",
+                                f"argument {key!r} must be a whole number, 0 or more")
+        return v
+
     def opt_number(self, key: str) -> float | None:
         v = self._args.get(key)
         if v is None:
@@ -172,13 +186,20 @@ async def _status(ctx: CommandContext, args: dict[str, Any]) -> Any:
 
 
 async def _queue_list(ctx: CommandContext, args: dict[str, Any]) -> Any:
-    a = _Args(args, ("status", "domain"))
+    a = _Args(args, ("status", "domain", "limit", "offset", "stream"))
     status = a.opt_str("status")
     domain = a.opt_str("domain")
-    return await queueops.list_queue(
+    limit = a.opt_count("limit")
+    offset = a.opt_count("offset") or 0
+    stream = a.flag("stream")
+    pages = queueops.list_pages(
         ctx.handlers.queue, ctx.handlers.spool, state=status,
         domain=queueops.domain_arg(domain) if domain is not None else None,
+        offset=offset, limit=limit,
     )
+    if stream:
+        return Stream(pages)
+    return await queueops.collect_list(pages, limit=limit)
 
 
 async def _queue_show(ctx: CommandContext, args: dict[str, Any]) -> Any:
@@ -302,7 +323,15 @@ async def _log_level(ctx: CommandContext, args: dict[str, Any]) -> Any:
 async def _connections(ctx: CommandContext, args: dict[str, Any]) -> Any:
     _Args(args, ())
     fn = _require(ctx.handlers.connections, "the connection list")
-    return [dict(row) for row in fn()]
+    result = fn()
+    if inspect.isawaitable(result):
+        result = await result
+    if isinstance(result, Mapping):
+        out = dict(result)
+        out.setdefault("workers", [])
+        out["connections"] = [dict(row) for row in out.get("connections") or []]
+        return out
+    return {"connections": [dict(row) for row in result], "workers": []}
 
 
 def reload_outcome(raw: object) -> dict[str, Any]:
@@ -381,7 +410,8 @@ async def _reload(ctx: CommandContext, args: dict[str, Any]) -> Any:
 
 COMMANDS: dict[str, Command] = {
     "status": Command(_status, False, "daemon status"),
-    "queue.list": Command(_queue_list, False, "queued messages [status, domain]"),
+    "queue.list": Command(_queue_list, False,
+                          "queued messages [status, domain, limit, offset, stream]"),
     "queue.show": Command(_queue_show, False, "one message's envelope and headers [id]"),
     "queue.retry": Command(_queue_retry, True, "deferred recipients due now [id | all]"),
     "queue.hold": Command(_queue_hold, True, "hold a message [id]"),
@@ -394,7 +424,7 @@ COMMANDS: dict[str, Command] = {
     "route.set": Command(_route_set, True, "runtime route override [domain, nexthop]"),
     "route.unset": Command(_route_unset, True, "remove a runtime override [domain]"),
     "log.level": Command(_log_level, True, "set the log level [level]"),
-    "connections": Command(_connections, False, "current SMTP clients"),
+    "connections": Command(_connections, False, "open SMTP sessions, from every worker"),
     "reload": Command(_reload, True, "re-read the configuration [wait]"),
 }
 

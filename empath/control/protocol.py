@@ -12,11 +12,12 @@ line::
     {"v": 1, "ok": false, "error": "text for a human", "code": "not-found"}
 
 An error may carry ``detail`` (for example the errors of a refused reload). A
-streaming command (``queue.stats`` with ``watch``) answers with a sequence of
-``{"v": 1, "ok": true, "result": ..., "more": true}`` lines, until the client
-closes the connection (or ``count`` updates were sent; the last one has no
-``more``). Several requests may follow each other on one connection; each is
-answered before the next is read.
+streaming command (``queue.stats`` with ``watch``, ``queue.list`` with ``stream``)
+answers with a sequence of ``{"v": 1, "ok": true, "result": ..., "more": true}``
+lines, then a last ``{"v": 1, "ok": true, "result": null}`` when it is over
+(``watch`` without ``count`` runs until the client closes the connection).
+Several requests may follow each other on one connection; each is answered
+before the next is read.
 
 This module is shared by the daemon and by ``empathctl`` and imports nothing of
 the daemon, so the client starts fast.
@@ -35,6 +36,7 @@ from typing import Any, Final
 
 __all__ = [
     "CODES",
+    "MAX_LIST",
     "MAX_REQUEST",
     "MAX_RESPONSE",
     "PROTOCOL_VERSION",
@@ -53,13 +55,18 @@ PROTOCOL_VERSION: Final = 1
 # A request line, without its newline. Requests are small (a command, an id, a next
 # hop); a line this long is a mistake or an attack, never a real command.
 MAX_REQUEST: Final = 64 * 1024
-# What the client accepts as one response line: a queue listing can be large.
+# What the client accepts as one response line. The daemon never comes near it:
+# a long queue listing is streamed in pages (``queue.list`` with ``stream``), and a
+# non-streamed one is refused ("too-large") beyond ``MAX_LIST`` messages.
 MAX_RESPONSE: Final = 512 * 1024 * 1024
+# Messages in one non-streamed ``queue.list`` answer, at most.
+MAX_LIST: Final = 10_000
 
 # Error codes a response can carry (``code``), and what they mean.
 CODES: Final = {
     "bad-request": "the request is not valid JSON or lacks / mistypes a field",
-    "too-large": f"the request line is longer than {MAX_REQUEST} bytes",
+    "too-large": f"the request line is longer than {MAX_REQUEST} bytes, or the answer "
+                 "would be too large for one response (ask for pages or a stream)",
     "unsupported-version": "the request's protocol version is not spoken here",
     "unknown-command": "no such command",
     "forbidden": "the connecting user may not use the control socket",
@@ -87,11 +94,17 @@ class ProtocolError(Exception):
 
 
 class LineTooLong(ProtocolError):
-    """A line over the limit. The rest of it was consumed (unless ``closed``)."""
+    """A line over the limit.
 
-    def __init__(self, limit: int, *, resynced: bool) -> None:
+    ``pending`` false: the whole line was consumed (its newline seen), the next
+    ``readline`` reads the next line. ``pending`` true: the line is still arriving;
+    answer now, then ``LineReader.skip_line()`` discards the rest of it and says
+    whether the next line can be read (else the connection should be closed).
+    """
+
+    def __init__(self, limit: int, *, pending: bool) -> None:
         super().__init__("too-large", f"request longer than {limit} bytes")
-        self.resynced = resynced
+        self.pending = pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +225,12 @@ class LineReader:
     """Bounded line reading over an ``asyncio.StreamReader``.
 
     ``readline`` returns a line without its newline, or None at end of stream. A
-    line longer than ``limit`` is never held in memory whole: its bytes are
-    discarded as they arrive (up to ``discard_limit`` more bytes), then
-    ``LineTooLong`` is raised with ``resynced`` true, and the next call reads the
-    next line. If the discard limit or the end of stream comes first, ``resynced``
-    is false and the connection should be closed.
+    line longer than ``limit`` is never held in memory whole. As soon as more than
+    ``limit`` bytes arrived without a newline, ``LineTooLong`` is raised with
+    ``pending`` true, so the client can be told at once; ``skip_line`` then
+    discards the rest of that line as it arrives (up to ``discard_limit`` more
+    bytes) and returns True when the next line can be read, False when the
+    discard limit or the end of stream came first (close the connection).
     """
 
     def __init__(self, reader: asyncio.StreamReader, limit: int,
@@ -226,19 +240,23 @@ class LineReader:
         self._discard_limit = discard_limit
         self._buf = bytearray()
         self._eof = False
+        self._skipping = 0  # bytes of an over-long line discarded so far
 
     async def readline(self) -> bytes | None:
+        if self._skipping:
+            raise RuntimeError("skip_line() the over-long line first")
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
                 if len(line) > self._limit:
-                    raise LineTooLong(self._limit, resynced=True)
+                    raise LineTooLong(self._limit, pending=False)
                 return line
             if len(self._buf) > self._limit:
-                await self._discard_line()
-                raise LineTooLong(self._limit, resynced=not self._eof)
+                self._skipping = len(self._buf)
+                self._buf.clear()
+                raise LineTooLong(self._limit, pending=True)
             if self._eof:
                 if self._buf:  # a last request without newline: serve it
                     line = bytes(self._buf)
@@ -251,17 +269,17 @@ class LineReader:
             else:
                 self._buf += chunk
 
-    async def _discard_line(self) -> None:
-        discarded = len(self._buf)
-        self._buf.clear()
-        while discarded <= self._discard_limit:
+    async def skip_line(self) -> bool:
+        """Discard the rest of an over-long line; True if the next line can be read."""
+        discarded, self._skipping = self._skipping, 0
+        while discarded <= self._discard_limit and not self._eof:
             chunk = await self._reader.read(65536)
             if not chunk:
-                self._eof = True
-                return
+                break
             nl = chunk.find(b"\n")
             if nl >= 0:
                 self._buf += chunk[nl + 1:]
-                return
+                return True
             discarded += len(chunk)
-        self._eof = True  # gave up: treat the connection as finished
+        self._eof = True  # gave up, or the client is gone: the connection is finished
+        return False

@@ -20,22 +20,24 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from empath.addr import AddressError, normalize_domain
 from empath.config.nexthop import parse_next_hop
-from empath.control.protocol import ProtocolError
+from empath.control.protocol import MAX_LIST, ProtocolError
 from empath.queue import QueueManager
 from empath.spool import CorruptEnvelope, Envelope, Spool, is_message_id
 
 __all__ = [
     "MESSAGE_STATES",
     "active_ids",
+    "collect_list",
     "delete_message",
     "dns_cache",
     "flush_queue",
     "hold_message",
-    "list_queue",
+    "list_pages",
     "queue_stats",
     "release_message",
     "retry_all",
@@ -55,6 +57,11 @@ ACTIVE_WAIT = 5.0
 MAX_HEADER_BYTES = 256 * 1024
 # Domains listed by ``queue stats`` (the busiest ones).
 STATS_DOMAINS = 50
+# Messages per page of a ``queue list`` answer, and envelopes read per thread hop.
+LIST_PAGE = 100
+LOAD_CHUNK = 500
+# Seconds a streamed listing may go without sending a page (then an empty one).
+LIST_KEEPALIVE = 5.0
 
 
 # ------------------------------------------------------------------ helpers
@@ -119,6 +126,17 @@ def _load_all(spool: Spool) -> tuple[list[Envelope], int]:
     return envelopes, unreadable
 
 
+def _load_some(spool: Spool, ids: list[str]) -> list[Envelope]:
+    """Thread: the readable envelopes among ``ids``, in their order."""
+    envelopes: list[Envelope] = []
+    for id in ids:
+        try:
+            envelopes.append(spool.load(id))
+        except (OSError, CorruptEnvelope):
+            continue  # gone since the directory was listed, or unreadable (see stats)
+    return envelopes
+
+
 def message_state(env: Envelope, active: bool) -> str:
     if active:
         return "active"
@@ -181,27 +199,88 @@ async def _wait_idle(qm: QueueManager, id: str, what: str) -> None:
 # ------------------------------------------------------------------ reading
 
 
-async def list_queue(qm: QueueManager, spool: Spool, *, state: str | None = None,
-                     domain: str | None = None) -> list[dict[str, Any]]:
-    """Queued messages, oldest first, optionally only those in ``state`` or with a
-    recipient still to be delivered at ``domain``."""
+def list_pages(qm: QueueManager, spool: Spool, *, state: str | None = None,
+               domain: str | None = None, offset: int = 0, limit: int | None = None,
+               page: int = LIST_PAGE) -> AsyncIterator[list[dict[str, Any]]]:
+    """Queued messages, oldest first, in pages of at most ``page`` messages:
+    optionally only those in ``state`` or with a recipient still to be delivered
+    at ``domain``, skipping the first ``offset`` that match and stopping after
+    ``limit``. Envelopes are read in chunks, in a worker thread, so neither a long
+    queue nor a slow disk holds up the event loop or builds one huge answer.
+
+    The arguments are checked now (ProtocolError), before the first page is asked for.
+    """
     if state is not None and state not in MESSAGE_STATES:
         raise ProtocolError("bad-request",
                             f"unknown state {state!r}; expected one of {', '.join(MESSAGE_STATES)}")
-    envelopes, _ = await asyncio.to_thread(_load_all, spool)
-    active = active_ids(qm)
-    now = time.time()
-    out = []
-    for env in envelopes:
-        if domain is not None and not any(
-            r.state not in FINAL and _domain(r.address) == domain for r in env.recipients
-        ):
-            continue
-        item = summary(env, active=env.id in active, now=now)
-        if state is not None and item["state"] != state:
-            continue
-        out.append(item)
-    return out
+    return _pages(qm, spool, state, domain, offset, limit, page)
+
+
+async def _pages(qm: QueueManager, spool: Spool, state: str | None, domain: str | None,
+                 offset: int, limit: int | None, page: int
+                 ) -> AsyncIterator[list[dict[str, Any]]]:
+    if limit == 0:
+        return
+    ids = await asyncio.to_thread(spool.ids)
+    skip = offset
+    sent = 0
+    out: list[dict[str, Any]] = []
+    last = time.monotonic()
+    for start in range(0, len(ids), LOAD_CHUNK):
+        if time.monotonic() - last >= LIST_KEEPALIVE:
+            # Long without a match (a rare --status on a huge queue): a page, even an
+            # empty one, so the client knows the daemon is still at it.
+            yield out
+            out = []
+            last = time.monotonic()
+        envelopes = await asyncio.to_thread(_load_some, spool, ids[start:start + LOAD_CHUNK])
+        active = active_ids(qm)
+        now = time.time()
+        for env in envelopes:
+            if domain is not None and not any(
+                r.state not in FINAL and _domain(r.address) == domain for r in env.recipients
+            ):
+                continue
+            item = summary(env, active=env.id in active, now=now)
+            if state is not None and item["state"] != state:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            out.append(item)
+            sent += 1
+            if len(out) >= page:
+                yield out
+                out = []
+                last = time.monotonic()
+            if limit is not None and sent >= limit:
+                break
+        if limit is not None and sent >= limit:
+            break
+    if out:
+        yield out
+
+
+async def collect_list(pages: AsyncIterator[list[dict[str, Any]]], *,
+                       limit: int | None) -> list[dict[str, Any]]:
+    """The pages as one list (a non-streamed answer): refused as ``too-large``
+    beyond ``MAX_LIST`` messages, which could make a response line of hundreds
+    of megabytes."""
+    out: list[dict[str, Any]] = []
+    try:
+        async for items in pages:
+            out += items
+            if len(out) > MAX_LIST:
+                raise ProtocolError(
+                    "too-large",
+                    f"more than {MAX_LIST} messages match: that is too many for one answer; "
+                    "ask for fewer (limit, offset) or for a stream (stream: true), "
+                    "as empathctl does")
+    finally:
+        aclose = getattr(pages, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return out[:limit] if limit is not None else out
 
 
 def _read_headers(spool: Spool, id: str) -> tuple[list[list[str]], bool]:

@@ -72,6 +72,12 @@ MAX_SOCKET_PATH = 107
 MAX_CONNECTIONS = 16
 # Seconds a client may take to send a request, and to read a response.
 REQUEST_TIMEOUT = 30.0
+# Test-only: overrides REQUEST_TIMEOUT when ControlServer gets no request_timeout,
+# so a test against the real daemon can watch a slow client being cut off quickly.
+TIMEOUT_ENV = "EMPATH_CONTROL_TIMEOUT"
+# Seconds a client may take to read each line of a streamed answer (queue list paged
+# through less(1), for instance); at least the request timeout.
+STREAM_TIMEOUT = 600.0
 # Over the cap, a client gets "busy" if it sends its request this fast.
 BUSY_TIMEOUT = 2.0
 # Connections over the cap that are answered "busy" at once; beyond, closed unanswered.
@@ -88,13 +94,15 @@ class ControlServer:
         token_file: Path | None = None,
         admin_group: str = DEFAULT_ADMIN_GROUP,
         max_connections: int = MAX_CONNECTIONS,
-        request_timeout: float = REQUEST_TIMEOUT,
+        request_timeout: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.handlers = handlers
         self.admin_group = admin_group
         self.max_connections = max_connections
-        self.request_timeout = request_timeout
+        # None: $EMPATH_CONTROL_TIMEOUT (test-only) if set and valid, else 30 s.
+        self.request_timeout = (request_timeout if request_timeout is not None
+                                else _timeout_from_env())
         self._token_file = token_file
         self._token: str | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -298,9 +306,10 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes,
+                    timeout: float | None = None) -> None:
         writer.write(data)
-        await asyncio.wait_for(writer.drain(), self.request_timeout)
+        await asyncio.wait_for(writer.drain(), timeout or self.request_timeout)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      *, busy: bool) -> None:
@@ -321,9 +330,16 @@ class ControlServer:
                 await self._send(writer, encode_error("timeout", "no request received in time"))
                 return
             except LineTooLong as exc:
+                # Answered at once, even while the rest of the line is still coming.
                 await self._send(writer, encode_error(exc.code, exc.message))
-                if not exc.resynced:
-                    return
+                if exc.pending:
+                    try:
+                        resynced = await asyncio.wait_for(lines.skip_line(),
+                                                          self.request_timeout)
+                    except TimeoutError:
+                        return
+                    if not resynced:
+                        return
                 continue
             if line is None:
                 return
@@ -398,10 +414,12 @@ class ControlServer:
     async def _stream(self, writer: asyncio.StreamWriter, cmd: str, stream: Stream) -> None:
         """Send each item with ``more``, then a final line without (result null).
 
-        A client going away ends it (the write fails)."""
+        A client going away ends it (the write fails), and so does one that reads
+        nothing for ``STREAM_TIMEOUT``."""
+        timeout = max(self.request_timeout, STREAM_TIMEOUT)
         try:
             async for item in stream.items:
-                await self._send(writer, encode_result(item, more=True))
+                await self._send(writer, encode_result(item, more=True), timeout)
         except ProtocolError as exc:
             await self._send(writer, encode_error(exc.code, exc.message, exc.detail))
             return
@@ -417,6 +435,21 @@ class ControlServer:
                 with contextlib.suppress(Exception):
                     await aclose()
         await self._send(writer, encode_result(None))
+
+
+def _timeout_from_env() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86400:
+        log.warning("ignoring %s=%r: not a number of seconds; using %g s", TIMEOUT_ENV, raw,
+                    REQUEST_TIMEOUT)
+        return REQUEST_TIMEOUT
+    return value
 
 
 def _group_name(gid: int) -> str:

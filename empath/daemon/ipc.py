@@ -9,12 +9,19 @@ supervisor → worker:
               use (fixed for the daemon's life, whatever a reloaded ``state_dir`` says).
   ``admit``   {n, refuse}: the answer to a worker's ``admit``.
   ``stop``    {}: shut down as on SIGTERM.
+  ``log-level`` {level}: log at this level until the next config.
+  ``request`` {id, q}: a question the worker answers with ``response`` and the same
+              ``id``. ``q`` is ``sessions``: its open SMTP sessions (``empathctl
+              connections``). The supervisor gives up waiting after a while and
+              reports the worker as not answering.
 worker → supervisor:
   ``ready``   {pid, gen}: serving, with config generation ``gen``.
   ``applied`` {gen, error}: a reloaded config is in force for new sessions (error
               null), or could not be applied (error says why; the old one stays).
   ``admit``   {n, ip} / ``release`` {ip}: per-client accounting (empath/daemon/anvil.py).
   ``queued``  {id}: a message was spooled; the queue manager takes it from here.
+  ``response`` {id, result, error}: the answer to ``request`` ``id`` (error null, or
+              why there is no result).
 """
 
 from __future__ import annotations

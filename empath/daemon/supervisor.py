@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -69,6 +70,8 @@ STATUS_INTERVAL = 2.0
 RESTART_KEYS = ("listen", "state_dir", "workers", "control.socket")
 # Sent instead of a worker's answer when it exits before confirming a reload.
 _EXITED = object()
+# Seconds ``empathctl connections`` waits for each worker's list of sessions.
+CONNECTIONS_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -128,6 +131,8 @@ class WorkerProc:
     clients: dict[str, int] = field(default_factory=dict)
     # Reloads waiting for this worker's ``applied``: generation → its error or None.
     acks: dict[int, asyncio.Future[object]] = field(default_factory=dict)
+    # ``request``s waiting for their ``response``: id → the response message.
+    requests: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -164,6 +169,9 @@ class Supervisor:
         self._starting = False  # run() holds the reload lock until ready
         self._watchdog_task: asyncio.Task[Any] | None = None
         self.control: ControlServer | None = None
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._request_ids = itertools.count(1)
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
@@ -254,11 +262,19 @@ class Supervisor:
                 fut = worker.acks.get(_int(msg.get("gen")))
                 if fut is not None and not fut.done():
                     fut.set_result(msg.get("error"))
+            elif kind == "response":
+                answer = worker.requests.pop(_int(msg.get("id")), None)
+                if answer is not None and not answer.done():
+                    answer.set_result(msg)
         code = await worker.proc.wait()
         channel.close()
         for fut in worker.acks.values():
             if not fut.done():
                 fut.set_result(_EXITED)
+        for answer in worker.requests.values():
+            if not answer.done():
+                answer.set_result({"error": f"exited with status {code}"})
+        worker.requests.clear()
         for ip, count in worker.clients.items():
             for _ in range(count):
                 anvil.release(ip)
@@ -534,6 +550,8 @@ class Supervisor:
         r = self.last_reload
         return {
             "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self._started_mono, 1),
+            "started_at": self.started_at,
             "hostname": self.config.hostname,
             "config": str(self.config_path) if self.config_path else None,
             "generation": self.generation,
@@ -547,12 +565,47 @@ class Supervisor:
             "status": self._status_now(),
         }
 
-    def _control_connections(self) -> list[dict[str, Any]]:
+    async def _ask(self, worker: WorkerProc, question: str,
+                   timeout: float) -> tuple[Any, str | None]:
+        """Send ``request`` ``question`` to a worker: (its result, None) or (None, why
+        not) when it answers with an error, exits or does not answer in time."""
+        n = next(self._request_ids)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        worker.requests[n] = answer
+        worker.channel.send({"t": "request", "id": n, "q": question})
+        try:
+            msg = await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            return None, f"did not answer within {timeout:g} s"
+        finally:
+            worker.requests.pop(n, None)
+        if msg.get("error"):
+            return None, str(msg["error"])
+        return msg.get("result"), None
+
+    async def _control_connections(self) -> dict[str, Any]:
+        """``empathctl connections``: every worker's open SMTP sessions, asked over IPC
+        at once; a worker that does not answer within ``CONNECTIONS_TIMEOUT`` is
+        reported as such (``ok`` false, ``error``) and the others are still listed."""
+        workers = sorted(self.workers.values(), key=lambda w: w.index)
+        answers = await asyncio.gather(
+            *(self._ask(w, "sessions", CONNECTIONS_TIMEOUT) for w in workers))
         rows: list[dict[str, Any]] = []
-        for w in self.workers.values():
-            for ip, n in sorted(w.clients.items()):
-                rows.append({"client": ip, "connections": n, "worker": w.index})
-        return rows
+        status: list[dict[str, Any]] = []
+        for worker, (result, error) in zip(workers, answers, strict=True):
+            entry: dict[str, Any] = {"index": worker.index, "pid": worker.proc.pid,
+                                     "ok": error is None}
+            if error is not None:
+                entry["error"] = error
+            else:
+                sessions = [r for r in result if isinstance(r, dict)] if isinstance(
+                    result, list) else []
+                entry["connections"] = len(sessions)
+                rows += [{**r, "worker": worker.index, "pid": worker.proc.pid}
+                         for r in sessions]
+            status.append(entry)
+        rows.sort(key=lambda r: float(r.get("connected_at") or 0.0))
+        return {"connections": rows, "workers": status}
 
     def _set_log_level(self, level: str) -> None:
         """``empathctl log-level``: until the next reload or restart, which go back to

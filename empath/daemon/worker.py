@@ -103,8 +103,25 @@ class Worker:
                                    "error": self._apply(msg)})
             elif kind == "log-level":
                 setup_logging(str(msg.get("level")))
+            elif kind == "request":
+                self.channel.send(self._answer(msg))
             elif kind == "stop":
                 self.stop.set()
+
+    def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The ``response`` to a supervisor's ``request`` (see empath/daemon/ipc.py)."""
+        out: dict[str, Any] = {"t": "response", "id": msg.get("id"), "result": None,
+                               "error": None}
+        question = msg.get("q")
+        if question == "sessions" and self.front is not None:
+            try:
+                out["result"] = self.front.describe_sessions()
+            except Exception as exc:  # a bug must not end the read loop
+                log.exception("worker: cannot describe the sessions")
+                out["error"] = f"internal error: {exc or type(exc).__name__}"
+        else:
+            out["error"] = f"unknown request {question!r}"
+        return out
 
     def _apply(self, msg: dict[str, Any]) -> str | None:
         """A reload: use the new config for new sessions. Returns an error or None.

@@ -46,6 +46,7 @@ from empath.delivery.route import OwnIdentity, Route, own_identity, resolve_rout
 from empath.delivery.types import RcptResult, RcptStatus, Target
 from empath.queue.limits import Breakers, DestinationLimiter
 from empath.spool import Envelope, Recipient, Spool
+from empath.spool.envelope import Attempt
 
 __all__ = ["QueueManager", "QueueStats"]
 
@@ -388,6 +389,10 @@ class QueueManager:
         extra: dict[str, Any] = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status,
                                  "RCPT_DOMAIN": _domain(r.address), "DSN_STATUS": res.enhanced}
         r.attempts += 1
+        # The attempt's history entry (bounded, oldest dropped): what `queue show` tells
+        # an admin about a stuck message. Written with the state change just below.
+        r.record(Attempt.make(now, res.status, res.enhanced, res.diagnostic,
+                              res.remote_mta, res.tls))
         self.stats.attempts[res.status] += 1
         relay = res.remote_mta or "-"
         if res.status == "delivered":

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from empath.config.model import Config
 from empath.smtp.session import SMTPSession
@@ -107,6 +108,12 @@ class Front:
         )
         if self._on_queued is not None:
             self._on_queued(envelope)
+
+    def describe_sessions(self) -> list[dict[str, Any]]:
+        """Every admitted session as ``SMTPSession.describe`` gives it, oldest first."""
+        rows = [session.describe() for session in self.sessions]
+        rows.sort(key=lambda row: float(row["connected_at"]))
+        return rows
 
     # ---- shutdown ----------------------------------------------------------------
 

@@ -76,6 +76,10 @@ class Transaction:
     rcpt_dsn: dict[str, RcptDsn] = field(default_factory=dict)
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _recipient_key(mailbox: Mailbox) -> str:
     # Local parts are case-sensitive (RFC 5321 §2.4); the domain is normalised.
     return mailbox.address
@@ -114,6 +118,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self.client_port = 0
         self.admitted = False
         self.authenticated: str | None = None
+        # For ``empathctl connections``: when the client connected (wall clock for
+        # people, monotonic for the duration), where, and how far it got.
+        self.connected_at = time.time()
+        self._connected_mono = time.monotonic()
+        self.local = ""  # the listener's address:port
+        self.messages = 0  # queued in this session
+        self._tls_handshake = False
         self._commands: dict[str, Any] = {
             "EHLO": self.smtp_EHLO,
             "HELO": self.smtp_HELO,
@@ -163,6 +174,49 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         log.info("timeout client=%s", self.client_ip, extra=self._fields())
         self.close_with(reply)
 
+    # ---- what it is doing (empathctl connections) -------------------------------
+
+    @property
+    def state(self) -> str:
+        """``greeting`` (no HELO/EHLO yet, also again after STARTTLS), ``command``
+        (between transactions), ``mail`` (MAIL accepted, before DATA), ``data``
+        (receiving or committing a message), ``tls`` (STARTTLS handshake) or
+        ``closing``."""
+        if self.closing or self.transport is None:
+            return "closing"
+        if self._tls_handshake:
+            return "tls"
+        if self.busy:
+            return "data"
+        if self.helo is None:
+            return "greeting"
+        if self.txn is not None:
+            return "mail"
+        return "command"
+
+    def describe(self) -> dict[str, Any]:
+        """This session as one row of ``empathctl connections`` (JSON-able)."""
+        tls = self._tls_protocol is not None and not self._tls_handshake
+        version = None
+        if tls and self.transport is not None:
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            version = ssl_object.version() if ssl_object is not None else None
+        return {
+            "client": self.client_ip,
+            "port": self.client_port,
+            "peer": _hostport(self.client_ip, self.client_port),
+            "role": self.role,
+            "listener": self.local,
+            "state": self.state,
+            "helo": self.helo,
+            "tls": tls,
+            "tls_version": version,
+            "authenticated": self.authenticated,
+            "messages": self.messages,
+            "connected_at": self.connected_at,
+            "duration": max(0.0, time.monotonic() - self._connected_mono),
+        }
+
     # ---- connection ------------------------------------------------------------
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -175,6 +229,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         peer = self.session.peer if self.session is not None else None
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        sockname = self.transport.get_extra_info("sockname") if self.transport else None
+        if isinstance(sockname, tuple):
+            self.local = _hostport(str(sockname[0]), int(sockname[1]))
         refusal = await self.front.admit(self)
         if refusal is not None:
             self.close_with(refusal)
@@ -506,6 +563,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         except BaseException:
             writer.abort()
             raise
+        self.messages += 1
         self.front.message_queued(envelope, self)
         await self.push(f"250 2.0.0 Ok: queued as {envelope.id}")
 
@@ -566,6 +624,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if arg is not None:
             await self.push("501 5.5.4 Syntax: STARTTLS")
             return
+        self._tls_handshake = True
         try:
             # Sends "220 Ready to start TLS" (our push adds 2.0.0), switches the
             # transport and throws away anything pipelined in plaintext behind it.
@@ -576,6 +635,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             if self.transport is not None:
                 self.transport.close()
             return
+        finally:
+            self._tls_handshake = False
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo, self.esmtp = None, False
         self._reset_txn()

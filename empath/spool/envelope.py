@@ -7,37 +7,156 @@ reports any problem as ``CorruptEnvelope``, never as some other exception.
 ``to_bytes`` refuses anything ``from_bytes`` would refuse (it reads its own output
 back): an envelope that could be committed but not loaded again would turn into a
 quarantined message — lost mail — at the next restart.
+
+Versions: 2 adds each recipient's ``history``, its last ``HISTORY_LIMIT`` delivery
+attempts (oldest first), so an admin can see why a message is stuck. Version 1
+records (written before the upgrade) still load, with an empty history, and are
+written back as version 2 on their next update; every record written is version 2.
+The record is rewritten after every attempt, so each entry is bounded: its text
+fields are cut to ``HISTORY_TEXT_MAX`` / ``HISTORY_FIELD_MAX`` characters.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from empath.spool.ids import is_message_id
 
 __all__ = [
+    "ATTEMPT_STATUSES",
     "BODY_TYPES",
     "ENVELOPE_VERSION",
+    "HISTORY_FIELD_MAX",
+    "HISTORY_LIMIT",
+    "HISTORY_TEXT_MAX",
     "NOTIFY_VALUES",
     "RECIPIENT_STATES",
     "RET_VALUES",
+    "Attempt",
     "CorruptEnvelope",
     "Envelope",
     "Recipient",
 ]
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
+# Versions from_bytes reads; older ones are upgraded in memory (written as the current).
+READABLE_VERSIONS = frozenset({1, 2})
 RECIPIENT_STATES = frozenset({"pending", "deferred", "delivered", "bounced"})
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 NOTIFY_VALUES = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})  # RFC 3461 §4.1
 RET_VALUES = frozenset({"FULL", "HDRS"})  # RFC 3461 §4.3
+ATTEMPT_STATUSES = frozenset({"delivered", "deferred", "bounced"})
+# Attempts kept per recipient (oldest dropped first).
+HISTORY_LIMIT = 10
+# Characters kept of an attempt's diagnostic, and of its relay and tls strings.
+HISTORY_TEXT_MAX = 500
+HISTORY_FIELD_MAX = 255
+_TRUNCATED = "..."
+# RFC 3463 status code; [0-9], not \d, which also matches non-ASCII digits.
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 class CorruptEnvelope(ValueError):
     """An envelope record that cannot be trusted; the text says why."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt for one recipient, as kept in its ``history``.
+
+    Build entries with ``Attempt.make`` (which bounds and cleans every field); the
+    constructor takes values as they are and ``to_bytes`` refuses invalid ones.
+    """
+
+    at: float  # unix time the result was known
+    status: str  # delivered | deferred | bounced
+    enhanced: str  # RFC 3463, e.g. "4.4.1"
+    diagnostic: str  # "smtp; 451 4.7.1 text" or "X-Empath; text" (RFC 3464 style)
+    relay: str | None = None  # the remote MTA that answered, if any
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", None for plain text
+
+    @classmethod
+    def make(
+        cls, at: float, status: str, enhanced: str, diagnostic: str,
+        relay: str | None = None, tls: str | None = None,
+    ) -> Attempt:
+        """An entry that is sure to serialise: cut to size, rounded to the millisecond,
+        and with a malformed status code replaced by the one its class implies."""
+        if status not in ATTEMPT_STATUSES:
+            raise ValueError(f"attempt status {status!r} not one of {sorted(ATTEMPT_STATUSES)}")
+        if not _ENHANCED.fullmatch(enhanced):
+            enhanced = {"delivered": "2.0.0", "deferred": "4.0.0", "bounced": "5.0.0"}[status]
+        return cls(
+            at=round(float(at), 3),
+            status=status,
+            enhanced=enhanced,
+            diagnostic=_cut(diagnostic, HISTORY_TEXT_MAX),
+            relay=_cut(relay, HISTORY_FIELD_MAX) if relay is not None else None,
+            tls=_cut(tls, HISTORY_FIELD_MAX) if tls is not None else None,
+        )
+
+    def _to_obj(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "status": self.status,
+            "enhanced": self.enhanced,
+            "diagnostic": self.diagnostic,
+            "relay": self.relay,
+            "tls": self.tls,
+        }
+
+    @classmethod
+    def _from_obj(cls, obj: object, where: str, memo: dict[str, str]) -> Attempt:
+        # Recovery and ``queue list`` parse every entry of every record: the common
+        # case (a well-formed entry) is checked inline, exactly as strictly as the
+        # general path below, which is taken for anything unusual and says what is
+        # wrong. ``memo`` shares equal strings between the entries of one record
+        # (the same error, relay and TLS every time), so a loaded envelope holds one
+        # copy of each.
+        if type(obj) is dict and obj.keys() == _ATTEMPT_KEYS:
+            at, status, enhanced = obj["at"], obj["status"], obj["enhanced"]
+            diagnostic, relay, tls = obj["diagnostic"], obj["relay"], obj["tls"]
+            if (
+                type(at) is float and math.isfinite(at)
+                and type(status) is str and status in ATTEMPT_STATUSES
+                and type(enhanced) is str and _ENHANCED.fullmatch(enhanced)
+                and type(diagnostic) is str and len(diagnostic) <= HISTORY_TEXT_MAX
+                and (relay is None or (type(relay) is str and len(relay) <= HISTORY_FIELD_MAX))
+                and (tls is None or (type(tls) is str and len(tls) <= HISTORY_FIELD_MAX))
+            ):
+                m = memo.setdefault
+                return cls(
+                    at=at, status=m(status, status), enhanced=m(enhanced, enhanced),
+                    diagnostic=m(diagnostic, diagnostic),
+                    relay=None if relay is None else m(relay, relay),
+                    tls=None if tls is None else m(tls, tls),
+                )
+        a = _Fields(obj, where, _ATTEMPT_KEYS)
+        at_ = a.opt_time("at")
+        if at_ is None:
+            raise CorruptEnvelope(f"{where}.at: null")
+        enhanced_ = a.string("enhanced")
+        if not _ENHANCED.fullmatch(enhanced_):
+            raise CorruptEnvelope(f"{where}.enhanced: not an RFC 3463 status code")
+        status_ = a.choice("status", ATTEMPT_STATUSES)
+        diagnostic_ = a.bounded_string("diagnostic", HISTORY_TEXT_MAX)
+        relay_ = a.opt_bounded_string("relay", HISTORY_FIELD_MAX)
+        tls_ = a.opt_bounded_string("tls", HISTORY_FIELD_MAX)
+        m = memo.setdefault
+        return cls(
+            at=at_, status=m(status_, status_), enhanced=m(enhanced_, enhanced_),
+            diagnostic=m(diagnostic_, diagnostic_),
+            relay=None if relay_ is None else m(relay_, relay_),
+            tls=None if tls_ is None else m(tls_, tls_),
+        )
 
 
 @dataclass
@@ -49,8 +168,17 @@ class Recipient:
     attempts: int = 0
     next_attempt: float | None = None
     last_error: str | None = None
+    # The last HISTORY_LIMIT attempts, oldest first (empty for version-1 records).
+    history: list[Attempt] = field(default_factory=list)
+
+    def record(self, attempt: Attempt) -> None:
+        """Append ``attempt`` to the history, dropping the oldest beyond the limit."""
+        self.history.append(attempt)
+        del self.history[:-HISTORY_LIMIT]
 
     def _to_obj(self) -> dict[str, Any]:
+        if not isinstance(self.history, list):
+            raise ValueError(f"{self.address}: history: not a list")
         return {
             "address": self.address,
             "state": self.state,
@@ -59,11 +187,13 @@ class Recipient:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
+            "history": [a._to_obj() if isinstance(a, Attempt) else a for a in self.history],
         }
 
     @classmethod
-    def _from_obj(cls, obj: object, where: str) -> Recipient:
-        r = _Fields(obj, where, _RECIPIENT_KEYS)
+    def _from_obj(cls, obj: object, where: str, version: int,
+                  memo: dict[str, str]) -> Recipient:
+        r = _Fields(obj, where, _RECIPIENT_KEYS_V1 if version == 1 else _RECIPIENT_KEYS)
         address = r.string("address")
         if not address:
             raise CorruptEnvelope(f"{where}.address: empty")
@@ -77,6 +207,14 @@ class Recipient:
                     raise CorruptEnvelope(f"{where}.notify[{i}]: not one of {allowed}")
                 values.append(v)
             notify = tuple(values)
+        history: list[Attempt] = []
+        if version >= 2:
+            history_raw = r.array("history")
+            if len(history_raw) > HISTORY_LIMIT:
+                raise CorruptEnvelope(
+                    f"{where}.history: {len(history_raw)} entries, more than {HISTORY_LIMIT}")
+            history = [Attempt._from_obj(a, f"{where}.history[{i}]", memo)
+                       for i, a in enumerate(history_raw)]
         return cls(
             address=address,
             state=r.choice("state", RECIPIENT_STATES),
@@ -85,6 +223,7 @@ class Recipient:
             attempts=r.count("attempts"),
             next_attempt=r.opt_time("next_attempt"),
             last_error=r.opt_string("last_error"),
+            history=history,
         )
 
 
@@ -155,14 +294,16 @@ class Envelope:
             raise CorruptEnvelope(f"not valid JSON: {exc}") from None
         f = _Fields(obj, "envelope", _ENVELOPE_KEYS)
         version = f.get("version")
-        if type(version) is not int or version != ENVELOPE_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise CorruptEnvelope(f"unsupported version {version!r}")
         id = f.string("id")
         if not is_message_id(id):
             raise CorruptEnvelope(f"id: not a message id: {id!r}")
         recipients_raw = f.array("recipients")
+        memo: dict[str, str] = {}
         recipients = [
-            Recipient._from_obj(r, f"recipients[{i}]") for i, r in enumerate(recipients_raw)
+            Recipient._from_obj(r, f"recipients[{i}]", version, memo)
+            for i, r in enumerate(recipients_raw)
         ]
         client_port = f.count("client_port")
         if client_port > 65535:
@@ -196,9 +337,11 @@ class Envelope:
         )
 
 
-_RECIPIENT_KEYS = frozenset(
+_RECIPIENT_KEYS_V1 = frozenset(
     {"address", "state", "orcpt", "notify", "attempts", "next_attempt", "last_error"}
 )
+_RECIPIENT_KEYS = _RECIPIENT_KEYS_V1 | {"history"}
+_ATTEMPT_KEYS = frozenset({"at", "status", "enhanced", "diagnostic", "relay", "tls"})
 _ENVELOPE_KEYS = frozenset(
     {
         "version",
@@ -242,7 +385,7 @@ class _Fields:
             raise CorruptEnvelope(f"{where}: missing {', '.join(sorted(missing))}")
         unknown = obj.keys() - keys
         if unknown:
-            # A newer writer bumps the version; unknown keys in version 1 mean damage.
+            # A newer writer bumps the version; unknown keys in a known version mean damage.
             raise CorruptEnvelope(f"{where}: unknown {', '.join(sorted(map(str, unknown)))}")
         self._obj: dict[str, object] = obj
         self._where = where
@@ -263,6 +406,18 @@ class _Fields:
         v = self._obj[key]
         if v is not None and not isinstance(v, str):
             raise self._bad(key, "a string or null")
+        return v
+
+    def bounded_string(self, key: str, limit: int) -> str:
+        v = self.string(key)
+        if len(v) > limit:
+            raise CorruptEnvelope(f"{self._where}.{key}: longer than {limit} characters")
+        return v
+
+    def opt_bounded_string(self, key: str, limit: int) -> str | None:
+        v = self.opt_string(key)
+        if v is not None and len(v) > limit:
+            raise CorruptEnvelope(f"{self._where}.{key}: longer than {limit} characters")
         return v
 
     def boolean(self, key: str) -> bool:
