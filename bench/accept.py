@@ -597,7 +597,17 @@ def _check_stored(label: str, stored: Stored) -> None:
         log(f"!!! {label}: STORED MESSAGE COUNT MISMATCH: {stored.describe()} !!!")
 
 
-def smtp_source_argv(p: Params, port: int) -> list[str]:
+class _LoadParams(Protocol):
+    @property
+    def sessions(self) -> int: ...
+    @property
+    def messages(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+
+def smtp_source_argv(p: _LoadParams, port: int, recipient: str = RECIPIENT) -> list[str]:
+    """The load every bench uses (relay.py with its own recipient)."""
     # No -d: smtp-source opens a new connection for every message by default.
     return [
         "smtp-source",
@@ -611,7 +621,7 @@ def smtp_source_argv(p: Params, port: int) -> list[str]:
         "-f",
         SENDER,
         "-t",
-        RECIPIENT,
+        recipient,
         f"{HOST}:{port}",
     ]
 
@@ -1042,10 +1052,20 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _ScratchParams(Protocol):
+    @property
+    def tmpdir(self) -> str | Path | None: ...
+    @property
+    def keep_tmp(self) -> bool: ...
+
+
 @contextlib.contextmanager
-def scratch_dir(p: Params) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="empath-accept-", dir=p.tmpdir))
-    tmp.chmod(0o755)  # Postfix daemons run as 'postfix' and must reach their queue
+def scratch_dir(p: _ScratchParams, prefix: str = "empath-accept-", *,
+                postfix: bool = True) -> Iterator[Path]:
+    """A temp directory for one bench run, removed afterwards unless ``keep_tmp``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=p.tmpdir))
+    if postfix:
+        tmp.chmod(0o755)  # Postfix daemons run as 'postfix' and must reach their queue
     try:
         yield tmp
     finally:

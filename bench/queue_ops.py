@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import statistics
@@ -39,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -499,18 +498,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path]:
     ), json_path
 
 
-@contextlib.contextmanager
-def scratch_dir(p: Params) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="empath-queue-", dir=p.tmpdir))
-    try:
-        yield tmp
-    finally:
-        if p.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run(p: Params, tmp: Path, r: Result) -> None:
     state = tmp / "state"
     state.mkdir(mode=0o750)
@@ -569,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, accept._raise_interrupt)
     r = Result()
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with scratch_dir(p) as tmp:
+    with accept.scratch_dir(p, "empath-queue-", postfix=False) as tmp:
         meta: dict[str, Any] = {
             "started": started,
             "machine": accept.machine_info(tmp),

@@ -33,10 +33,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -399,25 +398,6 @@ class RelayRound:
         return self.error is None and self.rate is not None and self.delivered == self.messages
 
 
-def smtp_source_argv(p: Params, port: int) -> list[str]:
-    # No -d: smtp-source opens a new connection for every message by default.
-    return [
-        "smtp-source",
-        "-c",
-        "-s",
-        str(p.sessions),
-        "-m",
-        str(p.messages),
-        "-l",
-        str(p.size),
-        "-f",
-        SENDER,
-        "-t",
-        RECIPIENT,
-        f"{HOST}:{port}",
-    ]
-
-
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -470,7 +450,7 @@ def relay_round(target: RelayTarget, sink: Sink, p: Params, rnd: int) -> RelayRo
                     t0 = time.perf_counter()
                     sink.last_change = t0
                     proc = subprocess.run(
-                        smtp_source_argv(p, target.port),
+                        accept.smtp_source_argv(p, target.port, RECIPIENT),
                         stdout=sys.stderr if show else subprocess.DEVNULL,
                         stderr=subprocess.PIPE,
                         text=True,
@@ -714,19 +694,6 @@ def versions() -> dict[str, str]:
     return v
 
 
-@contextlib.contextmanager
-def scratch_dir(p: Params) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="empath-relay-", dir=p.tmpdir))
-    tmp.chmod(0o755)  # Postfix daemons run as 'postfix' and must reach their queue
-    try:
-        yield tmp
-    finally:
-        if p.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p, json_path = parse_args(argv)
     signal.signal(signal.SIGTERM, accept._raise_interrupt)
@@ -739,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("FATAL: relay.py needs root (private Postfix instance, smtp-sink -u nobody)")
         return 1
-    with scratch_dir(p) as tmp:
+    with accept.scratch_dir(p, "empath-relay-") as tmp:
         meta: dict[str, Any] = {
             "benchmark": "relay",
             "started": started,
