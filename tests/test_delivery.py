@@ -214,6 +214,16 @@ def rcpt_state(d: Daemon, qid: str, address: str) -> dict[str, Any] | None:
     return next(r for r in env["recipients"] if r["address"] == address)
 
 
+def wait_rcpt(d: Daemon, qid: str, address: str, what: str,
+              pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Wait until ``address``'s state in the spool record satisfies ``pred``; return it."""
+    def check() -> dict[str, Any] | None:
+        r = rcpt_state(d, qid, address)
+        return r if r is not None and pred(r) else None
+
+    return wait_until(check, what, d)  # type: ignore[no-any-return]
+
+
 def gone(d: Daemon, qid: str) -> bool:
     return not (d.queue_dir / f"{qid}.env").exists()
 
@@ -322,9 +332,8 @@ def test_05_tempfail_then_success_on_the_next_scheduled_attempt(
         rcpt_replies={"bob@primary.test": "451 4.7.1 greylisted, try again later"}))
     d = start_daemon(make_daemon, dns_server, mail, retry_schedule=[2, 3600])
     qid = send(d, ["bob@primary.test"], "scenario 05")
-    first = wait_until(
-        lambda: (r := rcpt_state(d, qid, "bob@primary.test")) and r["state"] == "deferred" and r,
-        "a deferral", d)
+    first = wait_rcpt(d, qid, "bob@primary.test", "a deferral",
+                      lambda r: r["state"] == "deferred")
     assert first["attempts"] == 1
     assert "451 4.7.1 greylisted" in first["last_error"]
     assert first["next_attempt"] is not None
@@ -511,9 +520,8 @@ def test_10_restart_keeps_each_next_attempt_time(
         rcpt_replies={"bob@primary.test": "451 4.3.0 try later"}))
     d = start_daemon(make_daemon, dns_server, mail, retry_schedule=[4, 3600])
     qid = send(d, ["bob@primary.test"], "scenario 10")
-    before = wait_until(
-        lambda: (r := rcpt_state(d, qid, "bob@primary.test")) and r["state"] == "deferred" and r,
-        "a deferral", d)
+    before = wait_rcpt(d, qid, "bob@primary.test", "a deferral",
+                       lambda r: r["state"] == "deferred")
     assert d.stop() == 0
     mx1.script.rcpt_replies.clear()
     tries_before = len(mx1.commands)
@@ -536,8 +544,8 @@ def test_11_kill_9_during_delivery_delivers_everything_and_repeats_nothing_recor
     slow = sinks.smtp("mx.slow.test", Script(hang_at="dot"))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test", "sue@slow.test"], "scenario 11")
-    wait_until(lambda: (r := rcpt_state(d, qid, "bob@primary.test")) and
-               r["state"] == "delivered", "bob recorded as delivered", d)
+    wait_rcpt(d, qid, "bob@primary.test", "bob recorded as delivered",
+              lambda r: r["state"] == "delivered")
     wait_until(lambda: slow.transactions and slow.transactions[0].data is not None,
                "the slow server holding the final dot", d)
     d.kill()  # kill -9, supervisor and workers, with sue's delivery in flight
@@ -597,8 +605,8 @@ def test_12_tls_verify_delivers_over_verified_tls_and_encrypt_defers_without_it(
     assert [t.tls for t in secure.delivered] == [True]
     assert "verified" in d.log().split(f"delivered id={qid}")[1].splitlines()[0]
     qid = send(d, ["u@afallback.test"], "scenario 12 encrypt")
-    r = wait_until(lambda: (r := rcpt_state(d, qid, "u@afallback.test")) and
-                   r["state"] == "deferred" and r, "a deferral for missing TLS", d)
+    r = wait_rcpt(d, qid, "u@afallback.test", "a deferral for missing TLS",
+                  lambda r: r["state"] == "deferred")
     assert "TLS is required, but was not offered" in r["last_error"]
     assert not plain.delivered
 
@@ -636,12 +644,11 @@ def test_13b_circuit_breaker_stops_trying_a_dead_host(
     d = start_daemon(make_daemon, dns_server, mail, breaker_failures=2,
                      breaker_cooldown=3600)
     qid = send(d, ["x@down.test"], "scenario 13b")
-    r = wait_until(lambda: (r := rcpt_state(d, qid, "x@down.test")) and
-                   "circuit breaker" in (r["last_error"] or "") and r, "the breaker to open", d)
+    r = wait_rcpt(d, qid, "x@down.test", "the breaker to open",
+                  lambda r: "circuit breaker" in (r["last_error"] or ""))
     assert r["attempts"] == 3  # two refused connections, then not tried
     host = sinks.smtp("mx.down.test")  # it comes back, but the breaker is open
-    wait_until(lambda: (rcpt_state(d, qid, "x@down.test") or {}).get("attempts", 0) >= 5,
-               "more attempts", d)
+    wait_rcpt(d, qid, "x@down.test", "more attempts", lambda r: r["attempts"] >= 5)
     assert host.connections == 0
 
 
@@ -706,8 +713,7 @@ def test_17_delay_warning_once(
     assert (block["action"], block["status"]) == ("delayed", "4.2.1")
     assert block["diagnostic-code"] == "smtp; 451 4.2.1 mailbox busy"
     assert "will-retry-until" in block
-    wait_until(lambda: (rcpt_state(d, qid, "bob@primary.test") or {}).get("attempts", 0) >= 4,
-               "more attempts", d)
+    wait_rcpt(d, qid, "bob@primary.test", "more attempts", lambda r: r["attempts"] >= 4)
     assert len(dsns(mail)) == 1  # warned once, not at every attempt
 
 
