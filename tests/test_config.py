@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -269,10 +270,14 @@ def test_required_keys() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text("log: {level: info}\n")
     assert [(i.key_path, i.message) for i in info.value.issues] == [
-        ("hostname", "required key is missing"),
-        ("postmaster", "required key is missing"),
         ("state_dir", "required key is missing"),
     ]
+
+
+def test_hostname_and_postmaster_default_to_this_machine() -> None:
+    cfg = load_config_text("state_dir: /var/lib/empath\n")
+    assert cfg.hostname == socket.getfqdn().lower().rstrip(".")
+    assert cfg.postmaster == f"postmaster@{cfg.hostname}"
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
@@ -603,6 +604,11 @@ def _modules(v: _Validator, raw: Any) -> tuple[ModuleSpec, ...]:
     return tuple(out)
 
 
+def default_hostname() -> str:
+    """This machine's fully qualified name, as the default ``hostname``."""
+    return socket.getfqdn() or "localhost"
+
+
 def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
     if not isinstance(data, dict):
         what = "an empty document" if data is None else _show(data)
@@ -611,9 +617,15 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
     top = v.section(data, "", TOP_KEYS)
 
     hostname = postmaster = None
-    if v.required(top, "hostname", ""):
+    # Like Postfix's myhostname/myorigin: unset means this machine's name, so the
+    # packaged default config needs no edit to start (DEPLOYMENT.md says to set it).
+    if "hostname" in top:
         hostname = v.domain(top["hostname"], "hostname")
-    if v.required(top, "postmaster", ""):
+    else:
+        hostname = v.domain(default_hostname(), "hostname (this machine's name)")
+    if "postmaster" not in top:
+        postmaster = f"postmaster@{hostname or 'invalid'}"
+    else:
         text = v.string(top["postmaster"], "postmaster")
         if text is not None:
             try:
