@@ -167,10 +167,7 @@ def test_product_example_keys_are_all_known() -> None:
     # The block's local domain has no route while mode is mx: refused (it would loop).
     assert "'example.com' has no delivery.routes entry" in got.pop("local_domains")
     assert all("not supported yet" in m for m in got.values())
-    assert set(got) == {
-        "submission.users_file",
-        "metrics.listen",
-    }
+    assert set(got) == {"submission.users_file"}
 
 
 def test_dev_example_loads_relative_to_its_file(
@@ -734,9 +731,6 @@ def test_dkim_modules_metrics_control_syntax() -> None:
 UNSUPPORTED_EXAMPLES: dict[str, dict[str, Any]] = {
     "submission.users_file": {"submission": {"users_file": "/etc/empath/users"}},
     "dkim": {"dkim": {"example.com": {"selector": "s1", "key": "/etc/empath/dkim/k"}}},
-    "metrics.listen": {"metrics": {"listen": "127.0.0.1:9125"}},
-    "metrics.bearer_token_file": {"metrics": {"bearer_token_file": "/etc/empath/mt"}},
-    "metrics.web_config": {"metrics": {"web_config": "/etc/empath/web.yml"}},
     "modules": {"modules": [{"name": "recipient_map", "options": {"path": "/x"}}]},
 }
 
@@ -752,6 +746,15 @@ def test_not_supported_yet(key_path: str) -> None:
     assert key_path in by_path
     assert "not supported yet" in by_path[key_path]
     assert all("not supported yet" in m for m in by_path.values())
+
+
+def test_metrics_keys_are_built() -> None:
+    """Metrics landed: its keys load and are kept, none is refused."""
+    cfg = load(metrics={"listen": "127.0.0.1:9125", "bearer_token_file": "/etc/empath/mt",
+                        "web_config": "/etc/empath/web.yml"})
+    assert cfg.metrics.listen == "127.0.0.1:9125"
+    assert str(cfg.metrics.bearer_token_file) == "/etc/empath/mt"
+    assert str(cfg.metrics.web_config) == "/etc/empath/web.yml"
 
 
 def test_delivery_keys_are_built() -> None:

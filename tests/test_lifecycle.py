@@ -241,8 +241,16 @@ def _foreign_owner(d: Daemon) -> list[str]:
     return [str(d.state_dir), "owned by"]
 
 
+def _missing_tls_key(d: Daemon) -> list[str]:
+    key = d.workdir / "gone.key"
+    cert = d.workdir / "cert.pem"
+    cert.write_text("not a certificate\n")
+    d.config["tls"] = {"certificate": str(cert), "key": str(key)}
+    return ["tls: cannot load certificate and key"]
+
+
 @pytest.mark.parametrize("setup", [_unknown_key, _symlink, _in_etc, _group_writable,
-                                   _foreign_owner])
+                                   _foreign_owner, _missing_tls_key])
 def test_startup_refusals_exit_2(make_daemon: MakeDaemon,
                                  setup: Callable[[Daemon], list[str]]) -> None:
     existed = os.path.lexists("/etc/empath-test-state")

@@ -43,9 +43,6 @@ class Unsupported(NamedTuple):
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
     Unsupported("submission.users_file", _is_set),
     Unsupported("dkim", _is_set),
-    Unsupported("metrics.listen", _is_set),
-    Unsupported("metrics.bearer_token_file", _is_set),
-    Unsupported("metrics.web_config", _is_set),
     Unsupported("modules", _is_set),
 )
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import grp
 import hmac
-import os
 import pwd
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from empath.secretfile import SecretFileError, read_secret_text
 
 __all__ = [
     "ControlError",
@@ -94,32 +94,9 @@ def authorize(peer: Peer, admin_group: str, daemon_uid: int) -> str | None:
 def read_token(path: Path) -> str:
     """The token in ``path``; ControlError if unusable (missing, empty, readable by others)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ControlError(f"control.token_file {path}: cannot open: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ControlError(f"control.token_file {path}: not a regular file")
-        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-            raise ControlError(
-                f"control.token_file {path}: readable or writable by others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod o-rw it"
-            )
-        data = os.read(fd, MAX_TOKEN_FILE + 1)
-    except OSError as exc:
-        raise ControlError(f"control.token_file {path}: cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_FILE:
-        raise ControlError(f"control.token_file {path}: longer than {MAX_TOKEN_FILE} bytes")
-    try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ControlError(f"control.token_file {path}: not UTF-8 text") from None
-    if not token:
-        raise ControlError(f"control.token_file {path}: empty")
-    return token
+        return read_secret_text(path, "control.token_file", limit=MAX_TOKEN_FILE)
+    except SecretFileError as exc:
+        raise ControlError(str(exc)) from None
 
 
 def check_token(expected: str | None, given: str | None) -> str | None:

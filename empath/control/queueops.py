@@ -423,6 +423,7 @@ async def hold_message(qm: QueueManager, spool: Spool, id: str, held: bool) -> d
             await spool.update_async(env)
         except FileNotFoundError:
             raise _not_found(id) from None
+    qm.track(env)
     if not held:
         due = _next_due(env)
         if due is not None:
@@ -442,7 +443,9 @@ async def delete_message(qm: QueueManager, spool: Spool, id: str) -> dict[str, A
     try:
         await spool.remove_async(id)
     except FileNotFoundError:
+        qm.forget(id)
         raise _not_found(id) from None
+    qm.forget(id)
     return {"id": id, "sender": env.sender,
             "recipients": [r.address for r in env.recipients if r.state not in FINAL]}
 

@@ -12,8 +12,9 @@ supervisor → worker:
   ``log-level`` {level}: log at this level until the next config.
   ``request`` {id, q}: a question the worker answers with ``response`` and the same
               ``id``. ``q`` is ``sessions``: its open SMTP sessions (``empathctl
-              connections``). The supervisor gives up waiting after a while and
-              reports the worker as not answering.
+              connections``); or ``metrics``: a snapshot of its counts
+              (empath/metrics/store.py), asked at each scrape. The supervisor gives
+              up waiting after a while and reports the worker as not answering.
 worker → supervisor:
   ``ready``   {pid, gen}: serving, with config generation ``gen``.
   ``applied`` {gen, error}: a reloaded config is in force for new sessions (error
@@ -22,6 +23,7 @@ worker → supervisor:
   ``queued``  {id}: a message was spooled; the queue manager takes it from here.
   ``response`` {id, result, error}: the answer to ``request`` ``id`` (error null, or
               why there is no result).
+  ``metrics`` {snapshot}: its final counts, sent as it stops.
 """
 
 from __future__ import annotations

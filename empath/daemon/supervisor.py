@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import itertools
 import logging
 import os
@@ -35,8 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 import empath
+from empath import metrics
 from empath.config import Config, ConfigError, load_config_text
+from empath.config.nexthop import split_host_port
 from empath.control import control_socket_path
 from empath.control.commands import ControlHandlers
 from empath.control.server import ControlError, ControlServer
@@ -49,6 +54,9 @@ from empath.daemon.listeners import (
     from_systemd,
 )
 from empath.log import setup_logging
+from empath.metrics.auth import MetricsAuthError, load_auth
+from empath.metrics.http import MetricsServer
+from empath.metrics.service import LiveGauge, ServiceMetrics, top_n
 from empath.queue import QueueManager
 from empath.smtp.server import make_tls_context
 from empath.spool import Spool
@@ -67,11 +75,15 @@ RELOAD_ACK_TIMEOUT = 10.0
 # Seconds between STATUS= checks; a changed text is sent, an unchanged one is not.
 STATUS_INTERVAL = 2.0
 # Keys read only at start: a reload logs that they changed and keeps the old values.
-RESTART_KEYS = ("listen", "state_dir", "workers", "control.socket")
+RESTART_KEYS = ("listen", "state_dir", "workers", "control.socket", "metrics.listen")
 # Sent instead of a worker's answer when it exits before confirming a reload.
 _EXITED = object()
 # Seconds ``empathctl connections`` waits for each worker's list of sessions.
 CONNECTIONS_TIMEOUT = 2.0
+# Seconds a scrape waits for each worker's counts; a slow worker's previous ones are used.
+METRICS_TIMEOUT = 1.0
+# Destinations and next hops named in per-destination gauges; the rest are "other".
+TOP_DESTINATIONS = 20
 
 
 @dataclass(slots=True)
@@ -172,6 +184,9 @@ class Supervisor:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self._request_ids = itertools.count(1)
+        self.metrics = ServiceMetrics(metrics.LOCAL)
+        self.metrics_server: MetricsServer | None = None
+        self.serving = False  # READY=1 sent and not stopping: what /readyz reports
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Our own (address, port) pairs: a next hop equal to one of them is ourselves."""
@@ -266,7 +281,10 @@ class Supervisor:
                 answer = worker.requests.pop(_int(msg.get("id")), None)
                 if answer is not None and not answer.done():
                     answer.set_result(msg)
+            elif kind == "metrics" and isinstance(msg.get("snapshot"), dict):
+                self.metrics.worker_snapshot(worker.proc.pid, msg["snapshot"])
         code = await worker.proc.wait()
+        self.metrics.worker_exited(worker.proc.pid)
         channel.close()
         for fut in worker.acks.values():
             if not fut.done():
@@ -313,6 +331,8 @@ class Supervisor:
                 result = ReloadResult(ok=False, applied=False, errors=[f"internal error: {exc}"],
                                       generation=self.generation)
             self.last_reload = result
+            metrics.inc("empath_config_reloads_total",
+                        ("success" if result.applied else "failure",))
             self._log_reload(result)
             if not self.stopping.is_set():  # after STOPPING=1, READY=1 would be a lie
                 self.notifier.notify("READY=1", f"STATUS={self._status_now()}")
@@ -335,6 +355,10 @@ class Supervisor:
             make_tls_context(new)
         except (OSError, ssl.SSLError, ValueError) as exc:
             return self._refused([f"{path}: tls: cannot load certificate and key: {exc}"])
+        try:
+            metrics_auth = load_auth(new.metrics)
+        except MetricsAuthError as exc:
+            return self._refused([f"{path}: {exc}"])
         if self.control is not None:
             try:
                 # Read and checked now, kept only if the reload goes ahead.
@@ -351,7 +375,11 @@ class Supervisor:
         new = dataclasses.replace(new, listen=old.listen, state_dir=old.state_dir,
                                   workers=old.workers,
                                   control=dataclasses.replace(new.control,
-                                                              socket=old.control.socket))
+                                                              socket=old.control.socket),
+                                  metrics=dataclasses.replace(new.metrics,
+                                                              listen=old.metrics.listen))
+        if self.metrics_server is not None:
+            self.metrics_server.set_auth(metrics_auth)
         self.config, self.config_text = new, text
         self.generation += 1
         self.anvil.config = new
@@ -474,14 +502,15 @@ class Supervisor:
         self.notifier.notify(f"STATUS=starting: {self.queue.size} messages in the queue")
         if not await self._start_control():
             return EXIT_CONFIG
+        started = await self._start_metrics()
+        if started is not None:
+            if self.control is not None:
+                await self.control.close()
+            return started
         queue_task = asyncio.create_task(self.queue.run(self.stopping))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        for ls in self.listeners:
-            if ls.role == "metrics":
-                log.warning("a metrics socket was passed but metrics are not built yet; "
-                            "it is kept open and not served")
         for i in range(self.config.workers):
             await self._spawn(i)
         all_ready: asyncio.Future[Any] = asyncio.ensure_future(
@@ -507,15 +536,19 @@ class Supervisor:
                 extra={"EMPATH_EVENT": events.READY},
             )
             self.notifier.notify("READY=1", f"STATUS={self._status_now()}")
+            self.serving = True
             self._background(self._status_loop())
         self._started()
         await stop_wait
+        self.serving = False
         # Before anything else, so systemd knows the stop is ours (and a reload
         # arriving now is refused rather than started).
         self.notifier.notify("STOPPING=1", "STATUS=shutting down")
         log.info("shutting down", extra={"EMPATH_EVENT": events.STOPPING})
         if self.control is not None:
             await self.control.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         self._stop_listening()
         await self._stop_workers()
         await queue_task
@@ -525,6 +558,109 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
         return 0
+
+    # ---- metrics -------------------------------------------------------------------
+
+    async def _start_metrics(self) -> int | None:
+        """The metrics endpoint, on the socket-activated ``metrics`` socket or on
+        ``metrics.listen``; None when serving (or not configured), else the exit status:
+        2 for unusable credentials (a config problem), 1 when it cannot listen."""
+        sock = next((ls.sock for ls in self.listeners if ls.role == "metrics"), None)
+        listen = self.config.metrics.listen
+        if sock is None and listen is None:
+            return None
+        try:
+            auth = load_auth(self.config.metrics)
+        except MetricsAuthError as exc:
+            log.error("%s", exc, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+            self.notifier.notify(f"STATUS={exc}")
+            return EXIT_CONFIG
+        if sock is None and listen is not None:
+            try:
+                sock = _bind_tcp(listen)
+            except OSError as exc:
+                log.error("metrics.listen %s: cannot listen: %s", listen, exc.strerror,
+                          extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+                self.notifier.notify(f"STATUS=metrics.listen {listen}: {exc.strerror}")
+                return 1
+        assert sock is not None
+        if not auth.required and not _is_loopback(sock):
+            log.warning("metrics: %s is reachable from other hosts and has no "
+                        "bearer_token_file or web_config; anyone who can connect can read "
+                        "it", listen or "the metrics socket")
+        server = MetricsServer(auth, self._scrape, self._not_ready)
+        await server.start(sock)
+        self.metrics_server = server
+        log.info("metrics: serving %s (/metrics, /healthz, /readyz)%s", server.label,
+                 "" if auth.required else " without authentication")
+        return None
+
+    async def _scrape(self) -> bytes:
+        """The exposition for one scrape: workers' latest counts, asked at once."""
+        workers = list(self.workers.values())
+        answers = await asyncio.gather(
+            *(self._ask(w, "metrics", METRICS_TIMEOUT) for w in workers))
+        for worker, (result, _error) in zip(workers, answers, strict=True):
+            if isinstance(result, dict):
+                self.metrics.worker_snapshot(worker.proc.pid, result)
+        self.metrics.set_live(self._live_gauges())
+        return generate_latest(self.metrics.registry)
+
+    def _live_gauges(self) -> list[LiveGauge]:
+        q = self.queue
+        now = time.time()
+        out: list[LiveGauge] = [
+            ("empath_build_info", (empath.__version__, sys.version.split()[0]), 1.0),
+            ("empath_start_time_seconds", (), self.started_at),
+            ("empath_worker_processes", (),
+             float(sum(1 for w in self.workers.values() if w.ready.is_set()))),
+        ]
+        out += [("empath_queue_messages", (state,), float(n))
+                for state, n in q.state_counts().items()]
+        oldest = q.oldest_received()
+        out.append(("empath_queue_oldest_message_age_seconds", (),
+                    max(0.0, now - oldest) if oldest is not None else 0.0))
+        active = {d: float(s["active"]) for d, s in q.limiter_state().items() if s["active"]}
+        out += [("empath_destination_active_deliveries", (d,), n)
+                for d, n in top_n(active, TOP_DESTINATIONS).items()]
+        open_hops = {k: 1.0 for k in q.breakers.snapshot()}
+        out += [("empath_destination_circuit_breaker_open", (k,), 1.0)
+                for k in top_n(open_hops, TOP_DESTINATIONS)]
+        out.append(("empath_circuit_breakers_open", (), float(len(open_hops))))
+        roles: dict[str, float] = {}
+        for ls in self._smtp_sockets():
+            roles.setdefault(ls.role, 0.0)
+            if _accepting(ls.sock):
+                roles[ls.role] += 1.0
+        out += [("empath_smtp_listeners_open", (role,), n) for role, n in roles.items()]
+        r = self.last_reload
+        out.append(("empath_config_last_reload_success", (),
+                    1.0 if r is None or r.applied else 0.0))
+        out.append(("empath_config_last_reload_timestamp_seconds", (),
+                    r.at if r is not None else self.started_at))
+        with contextlib.suppress(OSError):
+            st = os.statvfs(self.spool.root)
+            out.append(("empath_spool_filesystem_free_bytes", (),
+                        float(st.f_bavail * st.f_frsize)))
+            out.append(("empath_spool_filesystem_size_bytes", (),
+                        float(st.f_blocks * st.f_frsize)))
+        return out
+
+    async def _not_ready(self) -> list[str]:
+        """Why /readyz says 503: [] when the service takes and delivers mail."""
+        reasons: list[str] = []
+        if not self.serving:
+            reasons.append("starting" if not self.stopping.is_set() else "stopping")
+        smtp = self._smtp_sockets()
+        if not any(_accepting(ls.sock) for ls in smtp):
+            reasons.append("no SMTP listener is open")
+        if not any(w.ready.is_set() for w in self.workers.values()):
+            reasons.append("no SMTP worker is serving")
+        problem = await asyncio.to_thread(self.spool.probe_writable,
+                                          self.config.limits.min_free_space)
+        if problem is not None:
+            reasons.append(problem)
+        return reasons
 
     # ---- control socket ------------------------------------------------------------
 
@@ -650,6 +786,29 @@ class Supervisor:
                 task.cancel()
 
 
+def _accepting(sock: socket.socket) -> bool:
+    """Whether ``sock`` is still a listening socket (not shut down or closed)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        addr = sock.getsockname()
+        if isinstance(addr, tuple):
+            return ipaddress.ip_address(str(addr[0])).is_loopback
+        return True  # a Unix socket
+    return False
+
+
+def _bind_tcp(listen: str) -> socket.socket:
+    host, _, port = split_host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port or 0), family=family)
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
@@ -697,6 +856,15 @@ def run(config_path: Path) -> int:
         notifier.notify(f"STATUS=configuration error: {first}")
         return EXIT_CONFIG
     setup_logging(config.log.level)
+    try:
+        # The certificate and key are loaded now, as at reload: unreadable files are a
+        # configuration error (exit 2), not workers failing one after another.
+        make_tls_context(config)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.error("%s: tls: cannot load certificate and key: %s", config_path, exc,
+                  extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        notifier.notify(f"STATUS=tls: cannot load certificate and key: {exc}")
+        return EXIT_CONFIG
     try:
         validate_state_dir(config.state_dir)
     except StateDirError as exc:

@@ -9,6 +9,7 @@ supervisor, never from the file, so every process runs the same validated config
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -79,6 +80,10 @@ class Worker:
         await self.stop.wait()
         reader.cancel()
         await front.shutdown(front.config.shutdown_timeout)
+        # The last counts, so the service's counters lose nothing when we go.
+        self.channel.send({"t": "metrics", "snapshot": front.metrics_snapshot()})
+        with contextlib.suppress(ConnectionError):
+            await self.channel.writer.drain()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_result("421 4.3.2 Service shutting down")
@@ -113,11 +118,12 @@ class Worker:
         out: dict[str, Any] = {"t": "response", "id": msg.get("id"), "result": None,
                                "error": None}
         question = msg.get("q")
-        if question == "sessions" and self.front is not None:
+        answers = {"sessions": "describe_sessions", "metrics": "metrics_snapshot"}
+        if question in answers and self.front is not None:
             try:
-                out["result"] = self.front.describe_sessions()
+                out["result"] = getattr(self.front, answers[str(question)])()
             except Exception as exc:  # a bug must not end the read loop
-                log.exception("worker: cannot describe the sessions")
+                log.exception("worker: cannot answer %s", question)
                 out["error"] = f"internal error: {exc or type(exc).__name__}"
         else:
             out["error"] = f"unknown request {question!r}"

@@ -54,6 +54,7 @@ from aiosmtplib.errors import (
 from aiosmtplib.esmtp import parse_esmtp_extensions
 from aiosmtplib.protocol import SMTPProtocol
 
+from empath import metrics
 from empath.config.model import TLSPolicy
 from empath.delivery.types import RcptResult, RcptStatus, Target
 from empath.spool import Envelope, Recipient
@@ -277,6 +278,7 @@ class _Connection:
         self.where = _where(target)
         self.extensions: dict[str, str] = {}
         self.tls: str | None = None
+        self.tls_version: str | None = None  # "TLSv1.3"; None in plain text
         self.created = time.monotonic()
         self.transactions = 0
 
@@ -339,6 +341,7 @@ class _Connection:
         sslobj = new.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else None
         cipher = sslobj.cipher() if sslobj is not None else None
+        self.tls_version = version or "TLS"
         desc = " ".join(x for x in (version or "TLS", cipher[0] if cipher else "") if x)
         self.tls = desc + (" verified" if verified else "")
 
@@ -478,10 +481,12 @@ async def _establish(target: Target, settings: ClientSettings, *, tls: bool = Tr
     ``_TargetFailed`` or ``_MailLoop``; on success the session is ready for MAIL."""
     conn = await _connect(target, settings)
     try:
-        return await _setup(conn, target, settings, tls)
+        conn = await _setup(conn, target, settings, tls)
     except BaseException:
         conn.abort()
         raise
+    metrics.inc("empath_delivery_tls_sessions_total", (conn.tls_version or "none",))
+    return conn
 
 
 async def _setup(conn: _Connection, target: Target, settings: ClientSettings, tls: bool

@@ -34,6 +34,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from empath import metrics
 from empath.config.nexthop import split_host_port
 
 __all__ = [
@@ -59,6 +60,8 @@ _RRType = Literal["MX", "A", "AAAA"]
 NEGATIVE_TTL_CAP = 300
 # Cap on positive TTLs, so a changed MX is picked up within a day whatever the zone says.
 POSITIVE_TTL_CAP = 86_400
+# empath_dns_lookups_total's result label, from an answer's kind
+_LOOKUP_RESULT = {"ok": "ok", "nodata": "nodata", "nxdomain": "nxdomain", "tempfail": "error"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +335,7 @@ class DNS:
         key = (name, rrtype)
         entry = self._cache_get(key)
         if entry is not None:
+            metrics.inc("empath_dns_cache_hits_total", (rrtype,))
             return entry
         # Many deliveries to one domain start together: they share one query.
         task = self._inflight.get(key)
@@ -348,6 +352,7 @@ class DNS:
 
     async def _query(self, name: str, rrtype: _RRType) -> _Entry:
         entry = await self._ask(name, rrtype)
+        metrics.inc("empath_dns_lookups_total", (rrtype, _LOOKUP_RESULT.get(entry.kind, "error")))
         self._cache_put((name, rrtype), entry)
         return entry
 

@@ -7,8 +7,9 @@ happens. A recipient recorded as delivered is never tried again; a crash between
 remote ``250`` and that write is the one window in which a copy can be repeated,
 and it is as short as one fsync.
 
-In memory there is only a heap of (due time, id): the scheduler never rescans the
-disk to decide what to do next. One attempt of a message runs one transaction per
+In memory there is only a heap of (due time, id) and a small index of each
+message's state and arrival time (for metrics and queue summaries): the scheduler
+never rescans the disk to decide what to do next. One attempt of a message runs one transaction per
 recipient domain, concurrently; each domain's results are recorded as soon as
 they are known.
 
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from empath import metrics
 from empath.config.model import Config
 from empath.delivery.client import ClientSettings, ConnectionPool, deliver
 from empath.delivery.dns import DNS
@@ -60,6 +62,8 @@ DELAY_WARNED = "delay_warned"
 # In-memory marker only (never written): the final results of this attempt are to be
 # recorded by removing the message rather than by rewriting its envelope.
 _UNRECORDED = "_unrecorded"
+# empath_dsn_sent_total's action label: the DSN's Action field (RFC 3464)
+_DSN_ACTION = {"failure": "failed", "delay": "delayed", "success": "delivered"}
 
 
 @dataclass
@@ -125,6 +129,9 @@ class QueueManager:
         self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self._limiters: dict[str, DestinationLimiter] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # id → (pending | deferred | held, received_at): every message in the spool
+        # that the queue knows of, kept current with each recorded state change.
+        self._index: dict[str, tuple[str, float]] = {}
 
     # ---- configuration -----------------------------------------------------------
 
@@ -154,13 +161,47 @@ class QueueManager:
             except (OSError, ValueError) as exc:
                 log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
                 continue
+            self.track(env)
             due = self._next_due(env)
             if due is not None:
                 self.schedule(id, due)
 
     def add(self, id: str) -> None:
         """A message was just queued: try it now."""
-        self.schedule(id, time.time())
+        now = time.time()
+        self._index.setdefault(id, ("pending", now))
+        self.schedule(id, now)
+
+    # ---- the index: states without reading the spool -----------------------------
+
+    def track(self, env: Envelope) -> None:
+        """Note ``env``'s state as recorded (after a load, an attempt, a hold)."""
+        if env.held:
+            state = "held"
+        elif any(r.state == "pending" for r in env.recipients):
+            state = "pending"
+        elif any(r.state == "deferred" for r in env.recipients):
+            state = "deferred"
+        else:
+            state = "pending"  # every recipient final: about to be removed
+        self._index[env.id] = (state, env.received_at)
+
+    def forget(self, id: str) -> None:
+        """``id`` left the spool (delivered, bounced, deleted)."""
+        self._index.pop(id, None)
+        self.unschedule(id)
+
+    def state_counts(self) -> dict[str, int]:
+        """Messages by state: pending, deferred, held, and active (being delivered)."""
+        counts = dict.fromkeys(("pending", "deferred", "held", "active"), 0)
+        active = self._active
+        for id, (state, _) in self._index.items():
+            counts["active" if id in active else state] += 1
+        return counts
+
+    def oldest_received(self) -> float | None:
+        """Arrival time of the oldest message in the queue, None when it is empty."""
+        return min((t for _, t in self._index.values()), default=None)
 
     def schedule(self, id: str, due: float) -> None:
         current = self._due.get(id)
@@ -298,10 +339,12 @@ class QueueManager:
         try:
             env = self.spool.load(id)
         except FileNotFoundError:
+            self._index.pop(id, None)
             return  # deleted meanwhile (empathctl queue delete)
         forced = id in self._forced
         self._forced.discard(id)
         if env.held:
+            self.track(env)
             return
         now = time.time()
         due = [
@@ -313,6 +356,8 @@ class QueueManager:
         bounced: list[tuple[Recipient, RcptResult]] = []
         succeeded: list[tuple[Recipient, RcptResult]] = []
         deferred: list[tuple[Recipient, RcptResult]] = []
+        # recipient → the next-hop kind it was tried at (the metrics' nexthop label)
+        hop_of: dict[str, str] = {}
         if due:
             data_path = self.spool.queue_dir / f"{id}.msg"
             hops = await asyncio.to_thread(received_count, data_path)
@@ -326,9 +371,9 @@ class QueueManager:
                 async with asyncio.TaskGroup() as tg:
                     for domain, rcpts in by_domain.items():
                         tg.create_task(self._domain_attempt(
-                            env, domain, rcpts, lock, bounced, succeeded, deferred))
+                            env, domain, rcpts, lock, bounced, succeeded, deferred, hop_of))
         if bounced:
-            await self._bounce(env, bounced)
+            await self._bounce(env, bounced, hop_of)
         if succeeded:
             # NOTIFY=SUCCESS (RFC 3461): sent after the delivery is recorded; a crash
             # in between loses this report rather than repeating the delivery.
@@ -338,6 +383,7 @@ class QueueManager:
         if all(r.state in FINAL for r in env.recipients):
             await self._remove(env)
         else:
+            self.track(env)
             due_next = self._next_due(env)
             if due_next is not None:
                 self.schedule(env.id, due_next)
@@ -347,8 +393,11 @@ class QueueManager:
         bounced: list[tuple[Recipient, RcptResult]],
         succeeded: list[tuple[Recipient, RcptResult]],
         deferred: list[tuple[Recipient, RcptResult]],
+        hop_of: dict[str, str],
     ) -> None:
-        results = await self._deliver_domain(env, domain, rcpts)
+        results, hop = await self._deliver_domain(env, domain, rcpts)
+        for r in rcpts:
+            hop_of[r.address] = hop
         now = time.time()
         expired = now - env.received_at >= self.config.delivery.max_queue_lifetime
         changed = False
@@ -365,7 +414,7 @@ class QueueManager:
             if res.status == "bounced":
                 bounced.append((r, res))  # recorded after the DSN is queued
                 continue
-            self._apply(env, r, res, now)
+            self._apply(env, r, res, now, hop)
             changed = True
             if res.status == "delivered" and res.success_action is not None:
                 succeeded.append((r, res))
@@ -385,7 +434,8 @@ class QueueManager:
         async with lock:
             await self.spool.update_async(env)
 
-    def _apply(self, env: Envelope, r: Recipient, res: RcptResult, now: float) -> None:
+    def _apply(self, env: Envelope, r: Recipient, res: RcptResult, now: float,
+               hop: str) -> None:
         extra: dict[str, Any] = {"QUEUE_ID": env.id, "EMPATH_EVENT": res.status,
                                  "RCPT_DOMAIN": _domain(r.address), "DSN_STATUS": res.enhanced}
         r.attempts += 1
@@ -394,6 +444,10 @@ class QueueManager:
         r.record(Attempt.make(now, res.status, res.enhanced, res.diagnostic,
                               res.remote_mta, res.tls))
         self.stats.attempts[res.status] += 1
+        metrics.inc("empath_delivery_attempts_total", (res.status, hop))
+        if res.status in FINAL:
+            metrics.observe("empath_queue_residence_seconds",
+                            max(0.0, now - env.received_at), (res.status,))
         relay = res.remote_mta or "-"
         if res.status == "delivered":
             r.state, r.next_attempt, r.last_error = "delivered", None, None
@@ -414,13 +468,26 @@ class QueueManager:
 
     async def _deliver_domain(
         self, env: Envelope, domain: str, rcpts: list[Recipient]
-    ) -> list[RcptResult]:
+    ) -> tuple[list[RcptResult], str]:
+        """The recipients' results, and the next-hop kind (mx, smtp, lmtp, maildir)."""
         cfg = self.config
         route = await resolve_route(domain, cfg, self.dns, overrides=self.overrides, own=self.own)
+        hop = "mx" if route.nexthop.startswith("mx:") else route.kind
         if route.failure is not None:
             f = route.failure
             status: RcptStatus = "bounced" if f.permanent else "deferred"
-            return [RcptResult(r.address, status, f.enhanced, f.text) for r in rcpts]
+            return [RcptResult(r.address, status, f.enhanced, f.text) for r in rcpts], hop
+        started = time.monotonic()
+        try:
+            return await self._transact(env, domain, rcpts, route), hop
+        finally:
+            metrics.observe("empath_delivery_duration_seconds",
+                            time.monotonic() - started, (hop,))
+
+    async def _transact(
+        self, env: Envelope, domain: str, rcpts: list[Recipient], route: Route
+    ) -> list[RcptResult]:
+        cfg = self.config
         data_path = self.spool.queue_dir / f"{env.id}.msg"
         limiter = self._limiter(domain)
         if route.kind == "maildir":
@@ -490,12 +557,14 @@ class QueueManager:
 
     # ---- bounces ------------------------------------------------------------------
 
-    async def _bounce(self, env: Envelope, bounced: list[tuple[Recipient, RcptResult]]) -> None:
+    async def _bounce(self, env: Envelope, bounced: list[tuple[Recipient, RcptResult]],
+                      hop_of: dict[str, str]) -> None:
         """Queue the failure DSN, then record the recipients as bounced."""
         await self._send_dsn(env, bounced, "failure")
         now = time.time()
         for r, res in bounced:
-            self._apply(env, r, res, now)
+            # "none": bounced before any next hop was chosen (a mail loop)
+            self._apply(env, r, res, now, hop_of.get(r.address, "none"))
         await self.spool.update_async(env)
 
     async def _send_dsn(
@@ -526,6 +595,7 @@ class QueueManager:
         new_id = await self.enqueue_local(to, data, metadata=metadata, body=body,
                                           smtputf8=smtputf8)
         self.stats.dsns += 1
+        metrics.inc("empath_dsn_sent_total", (_DSN_ACTION[kind],))
         log.info("dsn id=%s kind=%s about=%s to=<%s>", new_id, kind, env.id, to,
                  extra={"QUEUE_ID": env.id, "EMPATH_EVENT": f"dsn-{kind}"})
 
@@ -567,10 +637,11 @@ class QueueManager:
         unrecorded = bool(env.metadata.pop(_UNRECORDED, False))
         try:
             await self.spool.remove_async(id)
+            self._index.pop(id, None)
             log.info("removed id=%s (all recipients final)", id,
                      extra={"QUEUE_ID": id, "EMPATH_EVENT": "removed"})
         except FileNotFoundError:
-            pass
+            self._index.pop(id, None)
         except OSError as exc:
             log.error("queue: cannot remove %s: %s; will retry", id, exc,
                       extra={"QUEUE_ID": id})

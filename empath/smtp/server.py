@@ -13,18 +13,29 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from empath import metrics
 from empath.config.model import Config
 from empath.smtp.session import SMTPSession
 from empath.spool import Envelope, Spool
 from empath.systemd import events
 
-__all__ = ["Front", "make_tls_context"]
+__all__ = ["Front", "make_tls_context", "refusal_reason"]
 
 log = logging.getLogger("empath.smtp")
 
 
 # Asked before a client gets its greeting: None admits, a reply string refuses.
 AdmitFn = Callable[[str], Awaitable[str | None]]
+
+
+def refusal_reason(reply: str) -> str:
+    """The metrics' reason label for a refusal from the supervisor's per-client
+    accounting (empath/daemon/anvil.py words them; a test keeps the two in step)."""
+    if "slow down" in reply:
+        return "rate"
+    if "too many connections from" in reply:
+        return "per_client"
+    return "max_connections"
 
 
 def make_tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -56,6 +67,7 @@ class Front:
         self.sessions: set[SMTPSession] = set()
         self.shutting_down = False
         self._servers: list[asyncio.Server] = []
+        self.roles: set[str] = set()  # of the listeners served
 
     def apply_config(self, config: Config) -> None:
         """Use ``config`` for new sessions; open sessions keep the one they started with.
@@ -74,15 +86,20 @@ class Front:
             lambda: SMTPSession(self, role), sock=sock, backlog=1024
         )
         self._servers.append(server)
+        self.roles.add(role)
 
     # ---- called by sessions ------------------------------------------------------
 
     async def admit(self, session: SMTPSession) -> str | None:
+        metrics.inc("empath_smtp_connections_total", (session.role,))
         if self.shutting_down:
+            metrics.inc("empath_smtp_connections_refused_total", (session.role, "shutdown"))
             return f"421 4.3.2 {self.config.hostname} Service shutting down"
         if self._admit is not None:
             refusal = await self._admit(session.client_ip)
             if refusal is not None:
+                metrics.inc("empath_smtp_connections_refused_total",
+                            (session.role, refusal_reason(refusal)))
                 log.info("connection refused client=%s: %s", session.client_ip, refusal,
                          extra={"EMPATH_EVENT": events.REFUSED,
                                 "CLIENT_ADDR": session.client_ip})
@@ -99,6 +116,8 @@ class Front:
             self._release(session.client_ip)
 
     def message_queued(self, envelope: Envelope, session: SMTPSession) -> None:
+        metrics.inc("empath_messages_received_total", (session.role,))
+        metrics.inc("empath_messages_received_bytes_total", (session.role,), envelope.size)
         log.info(
             "queued id=%s from=<%s> nrcpt=%d size=%d client=%s",
             envelope.id, envelope.sender, len(envelope.recipients), envelope.size,
@@ -108,6 +127,15 @@ class Front:
         )
         if self._on_queued is not None:
             self._on_queued(envelope)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This worker's counts for the supervisor, with its open sessions by role."""
+        active = dict.fromkeys(self.roles, 0)
+        for session in self.sessions:
+            active[session.role] = active.get(session.role, 0) + 1
+        for role, n in active.items():
+            metrics.LOCAL.set("empath_smtp_sessions_active", (role,), n)
+        return metrics.LOCAL.snapshot()
 
     def describe_sessions(self) -> list[dict[str, Any]]:
         """Every admitted session as ``SMTPSession.describe`` gives it, oldest first."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from empath import metrics
 from empath.addr import Mailbox
 from empath.smtp.data import DataOutcome, read_data
 from empath.smtp.dsnparams import parse_envid, parse_notify, parse_orcpt, parse_ret
@@ -47,6 +48,14 @@ _DATA_REJECT = {
     ),
     DataOutcome.NUL: "554 5.6.0 Message rejected: NUL character in message",
     DataOutcome.WRITE_ERROR: "451 4.3.0 Error: local error writing the queue file, try again",
+}
+# empath_messages_rejected_total's reason for each refused DATA outcome
+_DATA_REASON = {
+    DataOutcome.TOO_BIG: "size",
+    DataOutcome.LINE_TOO_LONG: "syntax",
+    DataOutcome.BARE_NEWLINE: "smuggling",
+    DataOutcome.NUL: "syntax",
+    DataOutcome.WRITE_ERROR: "storage",
 }
 
 
@@ -157,6 +166,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self._write(status)
         await self._writer.drain()
 
+    async def refuse(self, reason: str, reply: str) -> None:
+        """Refuse a MAIL, RCPT or DATA, counted by reason (relay, size, syntax, policy,
+        smuggling, storage) in empath_messages_rejected_total. Protocol-sequence
+        errors (503) are not refusals of mail and go through ``push``."""
+        metrics.inc("empath_messages_rejected_total", (reason,))
+        await self.push(reply)
+
     def close_with(self, reply: str) -> None:
         """Send a final reply (421) and close, from any task."""
         if self.transport is None or self.closing:
@@ -219,6 +235,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
 
     # ---- connection ------------------------------------------------------------
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the command loop here but keeps the socket half-open
+        # (CLOSE-WAIT) until the command timeout; a client that sent EOF is gone, and
+        # its session must not hold a worker slot and its per-address count meanwhile.
+        super().eof_received()
+        return False  # asyncio closes the transport; connection_lost follows
+
     def connection_lost(self, error: Exception | None) -> None:
         if self.admitted:
             self.admitted = False
@@ -252,6 +275,11 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 break
             await self._dispatch(line)
             self._check_errors(max_errors)
+        # The client went away without QUIT (or we are closing): close our side too,
+        # or the half-open session would hold its worker slot and the client's
+        # per-address connection count until the command timeout.
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     async def _drain_long_line(self, consumed: int) -> None:
         reader = self._reader
@@ -335,13 +363,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             await self.push("503 5.5.1 Error: send HELO/EHLO first")
             return
         if self.role == "submission" and self.authenticated is None:
-            await self.push("530 5.7.0 Authentication required")
+            await self.refuse("policy", "530 5.7.0 Authentication required")
             return
         if self.txn is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         if arg is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            await self.refuse("syntax", "501 5.5.4 Syntax: MAIL FROM:<address>")
             return
         try:
             path = parse_path_args(
@@ -349,11 +377,12 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 allow_postmaster=False, bad_address_code="5.1.7",
             )
         except ReplyError as exc:
-            await self.push(exc.reply)
+            await self.refuse("syntax", exc.reply)
             return
         txn_or_reply = self._mail_params(path)
         if isinstance(txn_or_reply, str):
-            await self.push(txn_or_reply)
+            reason = "size" if txn_or_reply.startswith("552") else "syntax"
+            await self.refuse(reason, txn_or_reply)
             return
         if self.front.shutting_down:
             self.close_with(f"421 4.3.2 {self.cfg.hostname} Service shutting down")
@@ -364,7 +393,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             free = 0
         if free < self.cfg.limits.min_free_space:
             log.warning("spool below min_free_space: %d bytes free", free)
-            await self.push("452 4.3.1 Insufficient system storage")
+            await self.refuse("storage", "452 4.3.1 Insufficient system storage")
             return
         self.txn = txn_or_reply
         await self.push("250 2.1.0 Ok")
@@ -429,7 +458,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         if arg is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            await self.refuse("syntax", "501 5.5.4 Syntax: RCPT TO:<address>")
             return
         try:
             path = parse_path_args(
@@ -437,15 +466,15 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 allow_postmaster=True, bad_address_code="5.1.3",
             )
         except ReplyError as exc:
-            await self.push(exc.reply)
+            await self.refuse("syntax", exc.reply)
             return
         dsn = self._rcpt_params(txn, path)
         if isinstance(dsn, str):
-            await self.push(dsn)
+            await self.refuse("syntax", dsn)
             return
         cfg = self.cfg
         if len(txn.recipients) >= cfg.limits.max_recipients:
-            await self.push("452 4.5.3 Error: too many recipients")
+            await self.refuse("policy", "452 4.5.3 Error: too many recipients")
             return
         may_relay = self.authenticated is not None or in_networks(
             self.client_ip, cfg.relay_networks
@@ -455,7 +484,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             log.info("relay denied client=%s rcpt=<%s>", self.client_ip, path.raw,
                      extra=self._fields(events.REJECTED,
                                         RCPT_DOMAIN=path.raw.rpartition("@")[2].lower()))
-            await self.push(decision.reply)
+            await self.refuse("relay", decision.reply)
             return
         address = _recipient_key(path.mailbox) if path.mailbox is not None else cfg.postmaster
         if address not in txn.seen:
@@ -483,7 +512,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             writer = front.spool.create()
         except OSError as exc:
             log.error("cannot create queue file: %s", exc)
-            await self.push("451 4.3.0 Error: local error creating the queue file, try again")
+            await self.refuse("storage",
+                              "451 4.3.0 Error: local error creating the queue file, try again")
             return
         self.busy = True
         try:
@@ -516,7 +546,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         except OSError as exc:
             writer.abort()
             log.error("queue file write failed: %s", exc)
-            await self.push("451 4.3.0 Error: local error writing the queue file, try again")
+            await self.refuse("storage",
+                              "451 4.3.0 Error: local error writing the queue file, try again")
             return
         self._write("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(cfg.limits.data_timeout)
@@ -534,7 +565,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                     "message rejected client=%s reason=%s", self.client_ip, result.outcome.value,
                     extra=self._fields(events.REJECTED),
                 )
-            await self.push(_DATA_REJECT[result.outcome])
+            await self.refuse(_DATA_REASON[result.outcome], _DATA_REJECT[result.outcome])
             return
         envelope = Envelope(
             id=writer.id,
@@ -558,7 +589,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             await self.front.spool.commit(writer, envelope)
         except SpoolError as exc:
             log.error("queue commit failed id=%s: %s", writer.id, exc)
-            await self.push("451 4.3.0 Error: local error in processing, try again")
+            await self.refuse("storage", "451 4.3.0 Error: local error in processing, try again")
             return
         except BaseException:
             writer.abort()
@@ -637,6 +668,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             return
         finally:
             self._tls_handshake = False
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        version = ssl_object.version() if ssl_object is not None else None
+        metrics.inc("empath_smtp_tls_sessions_total", (self.role, version or "unknown"))
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo, self.esmtp = None, False
         self._reset_txn()

@@ -496,6 +496,33 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    def probe_writable(self, min_free: int = 0) -> str | None:
+        """None if a message could be spooled now, else why not (for ``/readyz``).
+
+        Really creates, writes and removes a file in tmp/ — the way a message starts —
+        so a read-only remount, an immutable directory, lost permissions or a full
+        disk all show; a leftover probe is removed by the next recovery.
+        """
+        path = self.tmp_dir / f".probe-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, b"probe\n")
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        except OSError as exc:
+            _unlink_quietly(path)
+            return f"spool {self.tmp_dir} is not writable: {exc.strerror}"
+        try:
+            free = self.free_space()
+        except OSError as exc:
+            return f"spool {self.root}: cannot read free space: {exc.strerror}"
+        if free < min_free:
+            return (f"spool {self.root} has {free} bytes free, below "
+                    f"limits.min_free_space ({min_free}); MAIL is refused with 452")
+        return None
+
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
