@@ -1,8 +1,11 @@
-"""The ``empath`` command: run the daemon, check a config file, print the version."""
+"""The ``empath`` command: run the daemon, check a config file, print the version,
+and be ``sendmail``, ``mailq`` and ``newaliases`` when called by those names (the
+package installs them as symlinks to ``empath``; see empath.sendmail)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,18 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
-    for name, text in (("passwd", "set a submission password"),
-                       ("sendmail", "sendmail-compatible local submission")):
-        p = sub.add_parser(name, help=f"{text} (not supported yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_not_yet)
+    # Listed for --help only: main() hands ``sendmail`` its arguments untouched, since
+    # sendmail's options (-t, -oi, -fADDR) are not argparse's.
+    sub.add_parser("sendmail", add_help=False,
+                   help="sendmail-compatible local submission (empath sendmail --help)")
+    p = sub.add_parser("passwd", help="set a submission password (not supported yet)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_not_yet)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # /usr/sbin/sendmail, /usr/bin/mailq, /usr/bin/newaliases → /usr/bin/empath
+        name = os.path.basename(sys.argv[0])
+        if name in ("sendmail", "mailq", "newaliases"):
+            from empath.sendmail import run_as
+
+            return run_as(name, sys.argv[1:])
+        argv = sys.argv[1:]
+    if argv[:1] == ["sendmail"]:
+        from empath.sendmail import main as sendmail_main
+
+        return sendmail_main(argv[1:])
     parser = build_parser()
     # parse_known_args: argparse.REMAINDER does not take a leading option such as
-    # ``sendmail -t``; only the not-yet-built commands may carry unparsed arguments.
+    # ``passwd --help``; only the not-yet-built commands may carry unparsed arguments.
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_not_yet:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
