@@ -79,7 +79,7 @@ class DeliveryConfig:
     # failures, probe again after the cooldown (seconds).
     breaker_failures: int = 5
     breaker_cooldown: int = 300
-    # TCP port for delivery to MX hosts (and to smtp: next hops without a port).
+    # TCP port for delivery to MX hosts found by MX lookup (smtp:HOST means 25).
     # 25 in production; tests point it at their sinks' port.
     mx_port: int = 25
 
