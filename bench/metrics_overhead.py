@@ -90,9 +90,14 @@ def main() -> int:
                empath_cmd=a.empath_cmd, standin=False, skip_postfix=True, tmpdir=None,
                keep_tmp=False)
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    # CPU of the daemon's whole process tree per message: less sensitive than msg/s to
+    # what else the machine is doing
+    cpu_ms: dict[str, list[float]] = {"off": [], "on": []}
     with scratch_dir(p, "empath-metrics-", postfix=False) as tmp:
-        off = EmpathTarget(tmp, a.empath_cmd, a.workers, standin=False)
-        on = MeteredEmpath(tmp, a.empath_cmd, a.workers, standin=False)
+        (tmp / "off").mkdir()
+        (tmp / "on").mkdir()
+        off = EmpathTarget(tmp / "off", a.empath_cmd, a.workers, standin=False)
+        on = MeteredEmpath(tmp / "on", a.empath_cmd, a.workers, standin=False)
         for i in range(1, a.pairs + 1):
             # alternate which goes first, so a drift in the machine hits both alike
             order = [("off", off), ("on", on)] if i % 2 else [("on", on), ("off", off)]
@@ -102,19 +107,25 @@ def main() -> int:
                     log(f"round {i} {key} failed: {r.error}")
                     return 1
                 rates[key].append(r.rate)
+                if r.cpu_seconds is not None:
+                    cpu_ms[key].append(1000 * r.cpu_seconds / a.messages)
             time.sleep(1)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nmetrics overhead, {a.messages} msgs x {a.pairs} alternating pairs, "
           f"{a.workers} workers, domain {DOMAIN}")
-    print(f"{'':14} {'median msg/s':>12}  {'spread (min-max)':>18}")
+    print(f"{'':14} {'median msg/s':>12}  {'spread (min-max)':>18}  {'CPU ms/msg':>10}  "
+          f"{'spread':>11}")
     for key in ("off", "on"):
+        cpu = cpu_ms[key] or [float("nan")]
         print(f"{'metrics ' + key:14} {med[key]:12.1f}  "
-              f"{min(rates[key]):8.1f}-{max(rates[key]):<8.1f}")
+              f"{min(rates[key]):8.1f}-{max(rates[key]):<8.1f}  "
+              f"{statistics.median(cpu):10.2f}  {min(cpu):5.2f}-{max(cpu):<5.2f}")
     ratios = [n / f for n, f in zip(rates["on"], rates["off"], strict=True)]
     print(f"ratio on/off of medians: {med['on'] / med['off']:.3f} "
           f"(per pair: {min(ratios):.3f}-{max(ratios):.3f}); scrapes while on: {on.scrapes}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rates": rates, "medians": med}, indent=2))
+        Path(a.json).write_text(json.dumps({"rates": rates, "medians": med,
+                                            "cpu_ms_per_msg": cpu_ms}, indent=2))
     return 0
 
 
