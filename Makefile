@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean
+.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean packages
 
 $(BIN)/empath: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: deps venv lint typecheck pytest
 system-test: venv
 	scripts/system-rootfs
 	$(BIN)/pytest tests/system
+
+# empath_<version>_all.deb and empath-<version>-1.noarch.rpm in dist/, checked with
+# lintian (no errors or warnings) and rpmlint (no errors); scripts/build-packages.
+packages:
+	scripts/build-packages
 
 bench: venv
 	$(BIN)/python bench/accept.py --empath-cmd "$(abspath $(BIN))/empath"

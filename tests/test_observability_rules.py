@@ -352,7 +352,7 @@ def test_every_alert_links_to_its_runbook_section() -> None:
     sections = {_slug(h): h for h in re.findall(r"^### (.+)$", text, re.MULTILINE)}
     for rule in alert_rules():
         url = rule["annotations"]["runbook_url"]
-        assert url.startswith("file:///usr/share/doc/empath/observability/README.md#"), url
+        assert url.startswith("file:///usr/share/doc/empath/docs/observability/README.md#"), url
         anchor = url.split("#", 1)[1]
         assert anchor == _slug(rule["alert"]), url
         assert sections.get(anchor) == rule["alert"], f"no runbook section for {rule['alert']}"

@@ -3,16 +3,17 @@
 Three steps, each one function:
 
 ``build_rootfs()``
-    A minbase Debian 12 made with debootstrap (systemd, dbus, python3 and empath's
-    runtime dependencies from Debian), cached under
+    A minbase Debian 12 made with debootstrap (systemd and dbus only), cached under
     ``/var/cache/empath-test/rootfs-<hash of the recipe>`` and reused by every later
-    run; a change of the package list or of the recipe makes a new one.
-``install_from_tree()``
-    Puts this checkout's empath into a container root the way the package will: the
-    Python package, ``/usr/bin/empath`` and ``/usr/bin/empathctl``, the units from
-    ``systemd/`` (and the journal catalog if there is one), sysusers and tmpfiles,
-    users created, units enabled. It is the only step to replace once the .deb
-    exists. ``configure_for_tests()`` then writes the test ``empath.yaml``.
+    run; a change of the package lists or of the recipe makes a new one. empath's
+    dependencies are NOT installed in it: they are only downloaded into its apt
+    cache (``apt-get install --download-only``, with the package indexes kept), so
+    that ``apt install ./empath_*.deb`` really resolves and installs them from
+    Debian's archive, without fetching them again in every run.
+``install_package()``
+    ``apt install ./empath_VERSION_all.deb`` inside the booted container, as a user
+    does it: the maintainer scripts create the users and enable and start the units.
+    ``configure_for_tests()`` then writes the test ``empath.yaml``.
 ``Container``
     An overlay of the cached rootfs (so a session never changes the cache), booted
     with ``systemd-nspawn -b --register=no --keep-unit`` in its own session,
@@ -22,7 +23,8 @@ Three steps, each one function:
 The container shares the host's network: its port 25 is the host's 127.0.0.1:25.
 
 ``python3 -m tests.system.nspawn rootfs`` builds (or finds) the cached rootfs and
-prints its path; ``... shell`` boots a container and opens a shell in it.
+prints its path; ``... shell`` builds the .deb, boots a container, installs the
+package and opens a shell in it.
 """
 
 from __future__ import annotations
@@ -39,19 +41,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 SUITE = "bookworm"
-# Everything the daemon needs at run time, from Debian (what the .deb will depend on).
-PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "python3",
-    "python3-aiosmtpd", "python3-aiosmtplib", "python3-dnspython", "python3-yaml",
-    "python3-prometheus-client", "python3-systemd", "python3-sdnotify",
+# Installed by debootstrap: a bare booted Debian, without empath's dependencies.
+PACKAGES = ("systemd", "systemd-sysv", "dbus")
+# Downloaded into the rootfs's apt cache only (not installed): what `apt install
+# ./empath_*.deb` will resolve (the .deb's Depends and their Recommends), and exim4
+# for the scenario that replaces it. A name missing here is fetched from the
+# archive at test time, which is slower but still works.
+PREFETCH = (
+    "python3", "python3-aiosmtpd", "python3-aiosmtplib", "python3-aiohttp",
+    "python3-bcrypt", "python3-dnspython", "python3-yaml", "python3-prometheus-client",
+    "python3-systemd", "python3-sdnotify", "exim4-daemon-light",
 )  # fmt: skip
 # Bump when the build steps below change, so a stale cache is not reused.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 CACHE_ROOT = Path(os.environ.get("EMPATH_TEST_CACHE", "/var/cache/empath-test"))
 WORK_ROOT = Path(os.environ.get("EMPATH_TEST_WORK", "/var/tmp/empath-test"))
@@ -88,7 +96,8 @@ def debian_mirror() -> str:
 
 
 def rootfs_key() -> str:
-    recipe = "\n".join([SUITE, RECIPE_VERSION, *sorted(PACKAGES), *MASKED_UNITS])
+    recipe = "\n".join([SUITE, RECIPE_VERSION, *sorted(PACKAGES), "prefetch:",
+                        *sorted(PREFETCH), *MASKED_UNITS])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
@@ -151,8 +160,14 @@ def build_rootfs(log: object = print) -> Path:
             raise NspawnError(f"debootstrap failed ({proc.returncode}):\n"
                               + proc.stdout[-4000:])
         _prepare_rootfs(tmp)
+        try:
+            _prefetch(tmp)
+        except NspawnError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (tmp / ".empath-rootfs-complete").write_text(
             f"suite={SUITE}\nmirror={mirror}\npackages={' '.join(PACKAGES)}\n"
+            f"prefetched={' '.join(PREFETCH)}\n"
             f"built={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
         )
         if target.exists():
@@ -173,66 +188,70 @@ def _prepare_rootfs(root: Path) -> None:
         link.symlink_to("/dev/null")
     # A persistent journal, as on a normal Debian host (journalctl -u … after restarts).
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
-    # Smaller cache: the package lists and downloaded .debs are not needed any more.
-    for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
-        for p in (root / sub).glob("*"):
-            if p.is_file():
-                p.unlink()
+    # The host's apt sources (bookworm, -updates, -security), as on an installed
+    # Debian 12; debootstrap wrote the release suite only.
+    host_sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if host_sources.exists() and not os.environ.get("EMPATH_TEST_MIRROR"):
+        (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(host_sources, root / "etc/apt/sources.list.d/debian.sources")
+        with contextlib.suppress(FileNotFoundError):
+            (root / "etc/apt/sources.list").unlink()
 
 
-# ---- installing empath into a container root -----------------------------------------
+def _prefetch(root: Path) -> None:
+    """Package indexes and the .debs of PREFETCH into the rootfs's apt cache, by the
+    rootfs's own apt (in a non-booted nspawn on the host's network)."""
+    base = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--pipe",
+            "-D", str(root), "--setenv=DEBIAN_FRONTEND=noninteractive"]
+    # Only what PREFETCH needs stays in the cache, not debootstrap's own downloads.
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+    for cmd in (["apt-get", "-q", "update"],
+                ["apt-get", "-q", "-y", "--download-only", "install", *PREFETCH]):
+        proc = subprocess.run([*base, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, check=False, timeout=900)
+        if proc.returncode != 0:
+            raise NspawnError(f"{' '.join(cmd)} in the new rootfs failed "
+                              f"({proc.returncode}):\n{proc.stdout[-4000:]}")
 
-ENTRY_SCRIPT = """\
-#!/usr/bin/python3
-import sys
 
-from {module} import main
-
-sys.exit(main())
-"""
+# ---- installing the package into a booted container ---------------------------------
 
 
-def install_from_tree(root: Path, repo: Path = REPO) -> None:
-    """Install this checkout's empath into the container root ``root``.
+@dataclass
+class Install:
+    """One ``apt install`` in the container: its output and how long it took."""
 
-    Stand-in for ``apt install ./empath_*.deb``: it lays the files where the package
-    puts them, creates the users (sysusers) and enables the units as the package's
-    maintainer scripts do. Replace this function, and nothing else, with the
-    package install once the .deb is built.
+    cmd: list[str]
+    returncode: int
+    output: str
+    seconds: float
+
+    def check(self) -> Install:
+        if self.returncode != 0:
+            raise NspawnError(f"{' '.join(self.cmd)} exited {self.returncode}:\n"
+                              + self.output[-6000:])
+        return self
+
+
+def apt(c: Container, *args: str, timeout: float = 900.0) -> Install:
+    """``apt ARGS`` in the booted container, non-interactive, output captured."""
+    cmd = ["env", "DEBIAN_FRONTEND=noninteractive", "apt", "-y", *args]
+    started = time.monotonic()
+    r = c.run(cmd, check=False, timeout=timeout)
+    return Install(cmd[2:], r.returncode, r.stdout + r.stderr, time.monotonic() - started)
+
+
+def install_package(c: Container, deb: Path) -> Install:
+    """``apt install ./empath_VERSION_all.deb`` in the booted container ``c``.
+
+    The .deb is copied to /root first (apt wants a path with a slash for a file).
+    Dependencies come from Debian's archive: the indexes and .debs cached in the
+    rootfs, or the network for anything not prefetched.
     """
-    site = root / "usr/lib/python3/dist-packages/empath"
-    if site.exists():
-        shutil.rmtree(site)
-    shutil.copytree(repo / "empath", site,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name, module in (("empath", "empath.cli"), ("empathctl", "empath.ctl")):
-        script = root / "usr/bin" / name
-        script.write_text(ENTRY_SCRIPT.format(module=module))
-        script.chmod(0o755)
-
-    units = repo / "systemd"
-    unit_dir = root / "usr/lib/systemd/system"
-    for unit in ("empath.socket", "empath-submission.socket", "empath.service"):
-        shutil.copy2(units / unit, unit_dir / unit)
-    if (units / "empath.catalog").exists():
-        catalog = root / "usr/lib/systemd/catalog"
-        catalog.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(units / "empath.catalog", catalog / "empath.catalog")
-    for src, dest in (("empath.sysusers", "usr/lib/sysusers.d/empath.conf"),
-                      ("empath.tmpfiles", "usr/lib/tmpfiles.d/empath.conf")):
-        (root / dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(units / src, root / dest)
-    # systemd ≥ 253 only: the notify-reload drop-in is shipped but not installed on 252.
-
-    # What the maintainer scripts do: users first, then enable (and, in the booted
-    # system, start). The configuration is the test's: configure_for_tests().
-    _host(["systemd-sysusers", f"--root={root}", "empath.conf"])
-    (root / "etc/empath").mkdir(mode=0o755, exist_ok=True)
-    _host(["systemctl", f"--root={root}", "enable", "empath.socket", "empath.service"])
-    if (root / "usr/lib/systemd/catalog/empath.catalog").exists():
-        # journalctl --update-catalog runs at boot only when /usr changed; do it now.
-        subprocess.run(["journalctl", f"--root={root}", "--update-catalog"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dest = c.path(f"/root/{deb.name}")
+    shutil.copy2(deb, dest)
+    return apt(c, "install", f"/root/{deb.name}").check()
 
 
 # ---- the test configuration --------------------------------------------------------
@@ -286,13 +305,6 @@ def _group_id(root: Path, name: str) -> int:
         if fields[0] == name:
             return int(fields[2])
     raise NspawnError(f"group {name} not created in {root}/etc/group")
-
-
-def _host(cmd: Sequence[str]) -> None:
-    proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        raise NspawnError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}")
 
 
 # ---- the host's ports ------------------------------------------------------------------
@@ -561,11 +573,14 @@ def main(argv: list[str]) -> int:
         base = build_rootfs()
         with host_lock():
             reap_stale()
+            from tests.packaging.build import built
+
+            deb = built().deb
             with Container(base, "empath-shell") as c:
                 c.mount()
-                install_from_tree(c.root)
-                configure_for_tests(c.root)
                 c.boot()
+                install_package(c, deb)
+                configure_for_tests(c.root)
                 print(f"container PID 1 = {c.pid1}; exit the shell to tear it down",
                       file=sys.stderr)
                 subprocess.run(["nsenter", "-t", str(c.pid1), "-a", "/bin/bash", "-l"],
