@@ -602,3 +602,39 @@ def test_15_every_metric_is_exported_with_help_and_type(make_daemon: MakeDaemon)
     sample_labels = {k for f in text_string_to_metric_families(body) for s in f.samples
                      for k in s.labels}
     assert not sample_labels & {"id", "queue_id", "address", "client", "sender", "rcpt"}
+
+
+# ---- 16. in flight, and over TLS ------------------------------------------------------
+
+
+def test_16_deliveries_in_flight_per_destination_and_outbound_tls_versions(
+        make_daemon: MakeDaemon, sinks: SinkLoop, tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls", "127.0.0.1")
+    secure = sinks.run(SMTPSink(Script(starttls=True), tls=tls.server_context).start())
+    slow = sinks.run(SMTPSink(Script(hang_at="dot")).start())
+    sinks.started += [secure, slow]
+    d = metrics_daemon(make_daemon, local_domains=["tls.test", "slow.test"], delivery={
+        "mode": "mx", "retry_schedule": [3600],
+        "routes": {"tls.test": f"smtp:{secure.host}:{secure.port}",
+                   "slow.test": f"smtp:{slow.host}:{slow.port}"}})
+    before = scrape(d)
+
+    async def mail(rcpt: str) -> None:
+        code, _ = await send_message(d.smtp_port, "a@tls.test", [rcpt], b"s: x\r\n\r\nx\r\n")
+        assert code == 250
+
+    run(mail("one@tls.test"))
+    wait_for(lambda: len(secure.delivered) == 1, "the delivery over TLS")
+    run(mail("two@slow.test"))
+    run(mail("three@slow.test"))
+    # the sink never answers the final dot: both stay in flight
+    wait_for(lambda: value(scrape(d), "empath_destination_active_deliveries",
+                           destination="slow.test") == 2, "two deliveries in flight")
+    after = scrape(d)
+    assert value(after, "empath_queue_messages", state="active") == 2
+    assert secure.delivered[0].tls
+    versions = {dict(labels).get("version"): v - value(before, name, **dict(labels))
+                for (name, labels), v in after.items()
+                if name == "empath_delivery_tls_sessions_total"}
+    assert versions.get("TLSv1.3", 0) + versions.get("TLSv1.2", 0) == secure.connections == 1
+    assert versions.get("none", 0) == slow.connections == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
 from tests.packaging import build
 from tests.system import nspawn, smtp
 from tests.system.conftest import (
@@ -314,3 +315,72 @@ def test_p6_remove_keeps_config_and_spool_purge_removes_them(
     # Kept on purge (documented in debian/postrm and DEPLOYMENT.md).
     assert c.run(["id", "empath"], check=False).returncode == 0
     assert c.run(["getent", "group", "empath-admin"], check=False).returncode == 0
+
+
+# ---- P7. metrics on Debian's own libraries -----------------------------------------------
+
+
+def test_p7_metrics_endpoint_with_debians_aiohttp_prometheus_client_and_bcrypt(
+        empath: Empath) -> None:
+    """The metrics endpoint of the installed package runs on bookworm's python3-aiohttp,
+    python3-prometheus-client and python3-bcrypt: 401 without the bearer token, 200
+    with it, /healthz open, a message counted; then an exporter-toolkit web_config with
+    a bcrypt ($2y$) user, applied by `systemctl restart`, answers basic auth."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = empath.c
+    port = free_port()  # the container shares the host's network
+    token = "system-test-token"
+    c.path("/etc/empath/metrics.token").write_text(token + "\n")
+    c.sh("chown root:empath /etc/empath/metrics.token && chmod 0640 /etc/empath/metrics.token")
+    extra = (f'metrics: {{listen: "127.0.0.1:{port}", '
+             'bearer_token_file: /etc/empath/metrics.token}\n')
+    empath.reset(config=config_text(extra=extra))
+
+    def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    bearer = {"Authorization": f"Bearer {token}"}
+    wait_for(lambda: get("/healthz")[0] == 200, 30, "/healthz")
+    assert get("/metrics")[0] == 401
+    assert get("/readyz")[0] == 401
+    out = smtp.run(smtp.session("someone@system.test", "counted"))
+    assert out.accepted, out
+
+    def received() -> float:
+        status, body = get("/metrics", bearer)
+        assert status == 200, body
+        for family in text_string_to_metric_families(body):
+            for s in family.samples:
+                if s.name == "empath_messages_received_total" and \
+                        s.labels.get("listener") == "smtp":
+                    return s.value
+        return 0.0
+
+    assert wait_for(lambda: received() == 1.0, 30, "the message in /metrics")
+    status, body = get("/readyz", bearer)
+    assert (status, json.loads(body)["ready"]) == (200, True), body
+
+    # basic auth with a bcrypt hash, checked by bookworm's python3-bcrypt
+    hashed = c.run(["python3", "-c", "import bcrypt; print(bcrypt.hashpw(b'pw', "
+                    "bcrypt.gensalt(4)).decode().replace('$2b$', '$2y$'))"]).stdout.strip()
+    c.path("/etc/empath/web.yml").write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+    c.sh("chown root:empath /etc/empath/web.yml && chmod 0640 /etc/empath/web.yml")
+    empath.write_config(config_text(extra=f'metrics: {{listen: "127.0.0.1:{port}", '
+                                          'web_config: /etc/empath/web.yml}\n'))
+    c.systemctl("restart", "empath.service", timeout=120)
+    wait_for(lambda: get("/healthz")[0] == 200, 30, "/healthz after the restart")
+    basic = {"Authorization": "Basic " + base64.b64encode(b"prom:pw").decode()}
+    assert get("/metrics")[0] == 401
+    assert get("/metrics", {"Authorization": "Basic " + base64.b64encode(
+        b"prom:wrong").decode()})[0] == 401
+    assert get("/metrics", basic)[0] == 200
