@@ -479,6 +479,15 @@ def test_11_queue_gauges_follow_hold_and_delete(make_daemon: MakeDaemon) -> None
     s = scrape(d)
     assert value(s, "empath_queue_messages", state="pending") == 1
     assert value(s, "empath_queue_oldest_message_age_seconds") > 0
+    # `queue stats` answers from the same in-memory index, without reading the spool
+    stats = json.loads(ctl(d, "--json", "queue", "stats").stdout)
+    assert stats["messages"] == 2
+    assert stats["by_state"] == {"pending": 1, "deferred": 0, "held": 1, "active": 0}
+    assert stats["recipients"]["pending"] == 2
+    assert {x["domain"] for x in stats["by_domain"]} == {"test.example"}
+    assert stats["oldest_id"] == ids[0]
+    assert stats["size"] == sum(e["size"] for e in json.loads(
+        ctl(d, "--json", "queue", "list").stdout))
     # and after a restart, from the spool
     d.stop()
     d.log_path.write_text("")  # wait for this start's "ready", not the last one's
@@ -486,6 +495,8 @@ def test_11_queue_gauges_follow_hold_and_delete(make_daemon: MakeDaemon) -> None
     s = scrape(d)
     assert value(s, "empath_queue_messages", state="held") == 1
     assert value(s, "empath_queue_messages", state="pending") == 1
+    assert json.loads(ctl(d, "--json", "queue", "stats").stdout)["by_state"] == {
+        "pending": 1, "deferred": 0, "held": 1, "active": 0}
 
 
 # ---- 12. DNS, breakers, TLS, refusals --------------------------------------------------

@@ -20,7 +20,9 @@ worker → supervisor:
   ``applied`` {gen, error}: a reloaded config is in force for new sessions (error
               null), or could not be applied (error says why; the old one stays).
   ``admit``   {n, ip} / ``release`` {ip}: per-client accounting (empath/daemon/anvil.py).
-  ``queued``  {id}: a message was spooled; the queue manager takes it from here.
+  ``queued``  {id, at, size, domains}: a message was spooled (received at ``at``,
+              ``size`` bytes, one recipient domain per recipient); the queue manager
+              takes it from here.
   ``response`` {id, result, error}: the answer to ``request`` ``id`` (error null, or
               why there is no result).
   ``metrics`` {snapshot}: its final counts, sent as it stops.

@@ -270,7 +270,12 @@ class Supervisor:
                     anvil.release(ip)
             elif kind == "queued":
                 self.queued += 1
-                self.queue.add(str(msg.get("id")))
+                at, size, domains = msg.get("at"), msg.get("size"), msg.get("domains")
+                self.queue.add(str(msg.get("id")),
+                               received_at=float(at) if isinstance(at, int | float) else None,
+                               size=size if isinstance(size, int) else 0,
+                               domains=tuple(str(d) for d in domains)
+                               if isinstance(domains, list) else ())
             elif kind == "ready":
                 worker.ready.set()
             elif kind == "applied":

@@ -66,6 +66,30 @@ _UNRECORDED = "_unrecorded"
 _DSN_ACTION = {"failure": "failed", "delay": "delayed", "success": "delivered"}
 
 
+@dataclass(slots=True)
+class Indexed:
+    """What the queue keeps in memory of one message in the spool: enough for
+    ``queue stats`` and the metrics without reading any file."""
+
+    state: str  # pending | deferred | held (active is the scheduler's own set)
+    received_at: float
+    size: int
+    rcpts: tuple[tuple[str, str], ...]  # (domain, state) per recipient
+
+
+def _indexed(env: Envelope) -> Indexed:
+    if env.held:
+        state = "held"
+    elif any(r.state == "pending" for r in env.recipients):
+        state = "pending"
+    elif any(r.state == "deferred" for r in env.recipients):
+        state = "deferred"
+    else:
+        state = "pending"  # every recipient final: about to be removed
+    return Indexed(state, env.received_at, env.size,
+                   tuple((_domain(r.address), r.state) for r in env.recipients))
+
+
 @dataclass
 class QueueStats:
     """Counters since start, per recipient (for metrics and ``empathctl status``)."""
@@ -129,9 +153,9 @@ class QueueManager:
         self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self._limiters: dict[str, DestinationLimiter] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # id → (pending | deferred | held, received_at): every message in the spool
-        # that the queue knows of, kept current with each recorded state change.
-        self._index: dict[str, tuple[str, float]] = {}
+        # Every message in the spool that the queue knows of, kept current with each
+        # recorded state change (``index``).
+        self._index: dict[str, Indexed] = {}
 
     # ---- configuration -----------------------------------------------------------
 
@@ -166,25 +190,24 @@ class QueueManager:
             if due is not None:
                 self.schedule(id, due)
 
-    def add(self, id: str) -> None:
-        """A message was just queued: try it now."""
+    def add(self, id: str, *, received_at: float | None = None, size: int = 0,
+            domains: tuple[str, ...] = ()) -> None:
+        """A message was just queued (the worker says what it holds): try it now."""
         now = time.time()
-        self._index.setdefault(id, ("pending", now))
+        self._index.setdefault(id, Indexed("pending", received_at or now, size,
+                                           tuple((d, "pending") for d in domains)))
         self.schedule(id, now)
 
     # ---- the index: states without reading the spool -----------------------------
 
     def track(self, env: Envelope) -> None:
         """Note ``env``'s state as recorded (after a load, an attempt, a hold)."""
-        if env.held:
-            state = "held"
-        elif any(r.state == "pending" for r in env.recipients):
-            state = "pending"
-        elif any(r.state == "deferred" for r in env.recipients):
-            state = "deferred"
-        else:
-            state = "pending"  # every recipient final: about to be removed
-        self._index[env.id] = (state, env.received_at)
+        self._index[env.id] = _indexed(env)
+
+    @property
+    def index(self) -> dict[str, Indexed]:
+        """id → what is known of it; read-only for callers (``queue stats``)."""
+        return self._index
 
     def forget(self, id: str) -> None:
         """``id`` left the spool (delivered, bounced, deleted)."""
@@ -195,13 +218,13 @@ class QueueManager:
         """Messages by state: pending, deferred, held, and active (being delivered)."""
         counts = dict.fromkeys(("pending", "deferred", "held", "active"), 0)
         active = self._active
-        for id, (state, _) in self._index.items():
-            counts["active" if id in active else state] += 1
+        for id, entry in self._index.items():
+            counts["active" if id in active else entry.state] += 1
         return counts
 
     def oldest_received(self) -> float | None:
         """Arrival time of the oldest message in the queue, None when it is empty."""
-        return min((t for _, t in self._index.values()), default=None)
+        return min((e.received_at for e in self._index.values()), default=None)
 
     def schedule(self, id: str, due: float) -> None:
         current = self._due.get(id)
@@ -629,6 +652,7 @@ class QueueManager:
             helo=self.config.hostname, body=body, smtputf8=smtputf8, metadata=dict(metadata),
         )
         await self.spool.commit(writer, env)
+        self.track(env)
         self.add(env.id)
         return env.id
 
