@@ -59,7 +59,7 @@ from empath.metrics.http import MetricsServer
 from empath.metrics.service import LiveGauge, ServiceMetrics, top_n
 from empath.queue import QueueManager
 from empath.smtp.server import make_tls_context
-from empath.spool import Spool
+from empath.spool import Envelope, Spool
 from empath.statedir import StateDirError, validate_state_dir
 from empath.systemd import events
 from empath.systemd.notify import NOTIFY_ENV, Notifier, monotonic_usec, watchdog_interval
@@ -485,7 +485,8 @@ class Supervisor:
 
     # ---- main --------------------------------------------------------------------
 
-    async def run(self, recovered: list[str] | None = None) -> int:
+    async def run(self, recovered: list[str] | None = None,
+                  envelopes: dict[str, Envelope] | None = None) -> int:
         loop = asyncio.get_running_loop()
         if self.watchdog is not None:
             self._watchdog_task = self._background(self._watchdog_loop(self.watchdog))
@@ -493,7 +494,7 @@ class Supervisor:
         await self._reload_lock.acquire()
         self._starting = True
         try:
-            return await self._run(loop, recovered or [])
+            return await self._run(loop, recovered or [], envelopes)
         finally:
             self._started()
 
@@ -502,8 +503,9 @@ class Supervisor:
             self._starting = False
             self._reload_lock.release()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, recovered: list[str]) -> int:
-        self.queue.load(recovered)
+    async def _run(self, loop: asyncio.AbstractEventLoop, recovered: list[str],
+                   envelopes: dict[str, Envelope] | None = None) -> int:
+        self.queue.load(recovered, envelopes)
         self.notifier.notify(f"STATUS=starting: {self.queue.size} messages in the queue")
         if not await self._start_control():
             return EXIT_CONFIG
@@ -912,6 +914,7 @@ def run(config_path: Path) -> int:
     supervisor = Supervisor(config, text, listeners, spool, config_path=config_path,
                             socket_activated=activated, notifier=notifier, watchdog=watchdog)
     try:
-        return asyncio.run(supervisor.run(report.ids))
+        envelopes, report.envelopes = report.envelopes, {}
+        return asyncio.run(supervisor.run(report.ids, envelopes))
     finally:
         notifier.close()

@@ -177,11 +177,16 @@ class QueueManager:
 
     # ---- scheduling ----------------------------------------------------------------
 
-    def load(self, ids: Iterable[str]) -> None:
-        """At start: schedule every recovered message at its earliest due recipient."""
+    def load(self, ids: Iterable[str], envelopes: dict[str, Envelope] | None = None) -> None:
+        """At start: schedule every recovered message at its earliest due recipient.
+
+        ``envelopes``: those the spool's recovery already read (taken out of it as they
+        are used, so the memory goes with them); the others are read here."""
         for id in ids:
+            env = envelopes.pop(id, None) if envelopes is not None else None
             try:
-                env = self.spool.load(id)
+                if env is None:
+                    env = self.spool.load(id)
             except (OSError, ValueError) as exc:
                 log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
                 continue

@@ -69,6 +69,9 @@ class RecoveryReport:
     ids: list[str]  # committed messages, sorted (oldest first)
     removed_tmp: int  # entries removed from tmp/
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (id or name, reason)
+    # The envelopes read while checking, by id: the queue takes them from here rather
+    # than reading every file a second time (and empties this as it goes).
+    envelopes: dict[str, Envelope] = field(default_factory=dict, compare=False, repr=False)
 
 
 # The syscalls whose order is the durability contract go through these wrappers, so
@@ -575,8 +578,9 @@ class Spool:
                 log.warning("spool: quarantined %s: %s", name, reason, extra=extra)
 
         ids: list[str] = []
+        envelopes: dict[str, Envelope] = {}
         for id in sorted(pairs):
-            problem = self._check_entry(id, pairs[id])
+            problem = self._check_entry(id, pairs[id], envelopes)
             if problem is None:
                 ids.append(id)
                 continue
@@ -588,10 +592,13 @@ class Spool:
         if quarantined:
             self._sync_dir(self.quarantine_dir)
             self._sync_dir(self.queue_dir)
-        return RecoveryReport(ids=ids, removed_tmp=removed_tmp, quarantined=quarantined)
+        return RecoveryReport(ids=ids, removed_tmp=removed_tmp, quarantined=quarantined,
+                              envelopes=envelopes)
 
-    def _check_entry(self, id: str, exts: set[str]) -> str | None:
-        """Why the queue entry ``id`` is not a complete message, or None if it is."""
+    def _check_entry(self, id: str, exts: set[str],
+                     good: dict[str, Envelope]) -> str | None:
+        """Why the queue entry ``id`` is not a complete message, or None if it is (and
+        then its envelope is in ``good``)."""
         if "env" not in exts:
             return "data without envelope"
         if "msg" not in exts:
@@ -611,6 +618,7 @@ class Spool:
             return f"unreadable data: {exc.strerror}"
         if size != env.size:
             return f"size mismatch: envelope says {env.size}, data is {size}"
+        good[id] = env
         return None
 
     def _quarantine(self, src_dir: Path, name: str) -> None:
