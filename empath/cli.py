@@ -1,6 +1,7 @@
-"""The ``empath`` command: run the daemon, check a config file, print the version,
-and be ``sendmail``, ``mailq`` and ``newaliases`` when called by those names (the
-package installs them as symlinks to ``empath``; see empath.sendmail)."""
+"""The ``empath`` command: run the daemon, check a config file, set submission
+passwords (``passwd``), make DKIM keys (``dkim-keygen``), print the version, and be
+``sendmail``, ``mailq`` and ``newaliases`` when called by those names (the package
+installs them as symlinks to ``empath``; see empath.sendmail)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import empath
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
-EX_UNAVAILABLE = 69
 
 
 def _config_path(arg: str | None) -> Path:
@@ -48,11 +48,6 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    print(f"empath {args.command}: not supported yet", file=sys.stderr)
-    return EX_UNAVAILABLE
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="empath", description="empath mail transfer agent")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
+    from empath.dkimkeygen import add_parser as add_dkim_keygen
+
+    add_dkim_keygen(sub)
     # Listed for --help only: main() hands ``sendmail`` its arguments untouched, since
     # sendmail's options (-t, -oi, -fADDR) are not argparse's.
     sub.add_parser("sendmail", add_help=False,
                    help="sendmail-compatible local submission (empath sendmail --help)")
-    p = sub.add_parser("passwd", help="set a submission password (not supported yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_not_yet)
+    from empath.passwd import add_arguments as add_passwd_arguments
+
+    add_passwd_arguments(sub.add_parser(
+        "passwd", help="set or delete a submission password (submission.users_file)"))
     return parser
 
 
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return sendmail_main(argv[1:])
     parser = build_parser()
-    # parse_known_args: argparse.REMAINDER does not take a leading option such as
-    # ``passwd --help``; only the not-yet-built commands may carry unparsed arguments.
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.func is not cmd_not_yet:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
 

@@ -390,6 +390,10 @@ def print_json_array(pages: Iterator[Any], out: TextIO) -> None:
     out.write("[]\n" if first else "\n]\n")
 
 
+# An attempt's DNSSEC column: were its MX answers authenticated ("-": not MX routing).
+_DNSSEC = {True: "yes", False: "no"}
+
+
 def show_message(r: Mapping[str, Any], out: TextIO) -> None:
     m, env = r["message"], r["envelope"]
     now = time.time()
@@ -419,12 +423,12 @@ def show_message(r: Mapping[str, Any], out: TextIO) -> None:
     history = [[rc["address"],
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"])),
                 h["status"], h["enhanced"], h.get("relay") or "-", h.get("tls") or "-",
-                h["diagnostic"]]
+                _DNSSEC.get(h.get("dnssec"), "-"), h["diagnostic"]]
                for rc in env["recipients"] for h in rc.get("history") or []]
     if history:
         print("attempts (last 10 per recipient):", file=out)
-        table(history, ["ADDRESS", "AT", "RESULT", "STATUS", "RELAY", "TLS", "DIAGNOSTIC"],
-              out, indent="  ")
+        table(history, ["ADDRESS", "AT", "RESULT", "STATUS", "RELAY", "TLS", "DNSSEC",
+                        "DIAGNOSTIC"], out, indent="  ")
     print("headers:", file=out)
     for name, value in r["headers"]:
         print(f"  {name}: {value}" if name else f"  {value}", file=out)
@@ -499,8 +503,9 @@ def show_dns(r: Mapping[str, Any], out: TextIO) -> None:
         print("DNS cache is empty", file=out)
         return
     table([[e["name"], e["type"], e["kind"], duration(e["expires_in"]),
-            ", ".join(e["data"]) or "-"] for e in r["entries"]],
-          ["NAME", "TYPE", "ANSWER", "EXPIRES", "DATA"], out)
+            _DNSSEC.get(e.get("authenticated"), "-"), ", ".join(e["data"]) or "-"]
+           for e in r["entries"]],
+          ["NAME", "TYPE", "ANSWER", "EXPIRES", "DNSSEC", "DATA"], out)
 
 
 def show_routes(r: Mapping[str, Any], out: TextIO) -> None:

@@ -252,7 +252,7 @@ def locate(opts: Options, say: Callable[[str], None]) -> Local:
     path = opts.config or default_config_path()
     cfg = None
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, check_modules=False)
     except (ConfigError, OSError) as exc:
         say(f"config not used: {str(exc).strip().splitlines()[-1]}")
     hostname = cfg.hostname if cfg is not None else None

@@ -580,6 +580,7 @@ def write_cert(ca: trustme.CA, cert_path: Path, key_path: Path) -> None:
     cert = ca.issue_cert("mx.test.example")
     cert_path.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
     key_path.write_bytes(cert.private_key_pem.bytes())
+    key_path.chmod(0o600)  # a key readable by others is refused
 
 
 async def starttls_ok(port: int, ca: trustme.CA) -> bool:

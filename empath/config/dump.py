@@ -53,11 +53,17 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "min_free_space": limits.min_free_space,
             "command_timeout": limits.command_timeout,
             "data_timeout": limits.data_timeout,
+            "max_session_time": limits.max_session_time,
+            "max_header_size": limits.max_header_size,
+            "auth_failures": limits.auth_failures,
+            "auth_failure_window": limits.auth_failure_window,
+            "auth_failure_delay": limits.auth_failure_delay,
         },
         "tls": None
         if cfg.tls is None
         else {"certificate": str(cfg.tls.certificate), "key": str(cfg.tls.key)},
-        "submission": {"users_file": _path(cfg.submission.users_file)},
+        "submission": {"users_file": _path(cfg.submission.users_file),
+                       "sender_login_match": cfg.submission.sender_login_match},
         "dkim": _plain(cfg.dkim),
         "delivery": {
             "mode": delivery.mode,
@@ -65,7 +71,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "nameservers": list(delivery.nameservers),
             "routes": dict(delivery.routes),
             "destinations": {
-                domain: {"tls": p.tls, "max_connections": p.max_connections, "rate": p.rate}
+                domain: {"tls": p.tls, "max_connections": p.max_connections, "rate": p.rate,
+                         "dnssec": p.dnssec}
                 for domain, p in delivery.destinations.items()
             },
             "retry_schedule": list(delivery.retry_schedule),
@@ -86,7 +93,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "web_config": _path(cfg.metrics.web_config),
         },
         "log": {"level": cfg.log.level},
-        "modules": [{"name": m.name, "options": _plain(m.options)} for m in cfg.modules],
+        "modules": [{"name": m.name, "options": _plain(m.options), "fail_open": m.fail_open,
+                     "timeout": m.timeout} for m in cfg.modules],
         "workers": cfg.workers,
         "shutdown_timeout": cfg.shutdown_timeout,
     }

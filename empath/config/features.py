@@ -41,9 +41,6 @@ class Unsupported(NamedTuple):
 
 
 NOT_SUPPORTED_YET: tuple[Unsupported, ...] = (
-    Unsupported("submission.users_file", _is_set),
-    Unsupported("dkim", _is_set),
-    Unsupported("modules", _is_set),
 )
 
 

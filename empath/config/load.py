@@ -34,11 +34,14 @@ from empath.addr import AddressError, normalize_domain, parse_mailbox
 from empath.config.errors import ConfigError, ConfigIssue
 from empath.config.features import unsupported_settings
 from empath.config.model import (
+    DKIM_DEFAULT_HEADERS,
+    DKIM_NEVER_SIGNED,
     Config,
     ControlConfig,
     DeliveryConfig,
     DeliveryMode,
     DestinationPolicy,
+    DNSSECPolicy,
     IPNetwork,
     Limits,
     Listener,
@@ -70,9 +73,12 @@ TOP_KEYS = (
 )  # fmt: skip
 LIMIT_INT_KEYS = (
     "max_message_size", "max_recipients", "max_connections", "per_client_connections",
-    "per_client_rate", "max_errors", "min_free_space",
+    "per_client_rate", "max_errors", "min_free_space", "max_header_size", "auth_failures",
 )  # fmt: skip
-LIMIT_SECONDS_KEYS = ("command_timeout", "data_timeout")
+LIMIT_SECONDS_KEYS = (
+    "command_timeout", "data_timeout", "max_session_time", "auth_failure_window",
+    "auth_failure_delay",
+)  # fmt: skip
 DELIVERY_KEYS = (
     "mode", "relayhost", "nameservers", "routes", "destinations", "retry_schedule",
     "max_queue_lifetime", "max_deliveries", "delay_warning", "breaker_failures",
@@ -80,9 +86,11 @@ DELIVERY_KEYS = (
 )  # fmt: skip
 DELIVERY_MODES = ("mx", "relay", "hold")
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
+DNSSEC_POLICIES = ("may", "require")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ROLES = ("smtp", "submission")
 MAX_WORKERS = 64
+MAX_MODULE_TIMEOUT = 300  # seconds: an SMTP client waits 5 minutes for a reply
 DEFAULT_SMTP_PORT = 25
 DEFAULT_DNS_PORT = 53
 
@@ -166,6 +174,7 @@ class _Validator:
         self.label = label
         self.base_dir = base_dir  # for the relative state_dir
         self.issues: list[ConfigIssue] = []
+        self.check_modules = True  # build modules to validate them (load_config_text)
 
     # -- reporting
 
@@ -452,10 +461,11 @@ def _tls(v: _Validator, raw: Any) -> TLSConfig | None:
 def _dkim(v: _Validator, raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for domain, path, item in v.domain_map(raw, "dkim"):
-        m = v.entry(item, path, ("selector", "key"))
+        m = v.entry(item, path, ("selector", "key", "headers"))
         if m is None:
             continue
         selector = key = None
+        headers = _dkim_headers(v, m.get("headers"), f"{path}.headers")
         if v.required(m, "selector", path):
             selector = v.string(m["selector"], f"{path}.selector")
             if selector is not None:
@@ -467,8 +477,37 @@ def _dkim(v: _Validator, raw: Any) -> dict[str, Any]:
         if v.required(m, "key", path):
             key = v.abs_path(m["key"], f"{path}.key")
         if selector is not None and key is not None:
-            out[domain] = {"selector": selector, "key": key}
+            out[domain] = {"selector": selector, "key": key, "headers": headers}
     return out
+
+
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext
+
+
+def _dkim_headers(v: _Validator, raw: Any, path: str) -> tuple[str, ...]:
+    """Header names to sign; unset is the default list (shown by check-config)."""
+    if raw is None:
+        return DKIM_DEFAULT_HEADERS
+    items = v.sequence(raw, path)
+    if items is None:
+        return DKIM_DEFAULT_HEADERS
+    out: list[str] = []
+    for i, item in enumerate(items):
+        name = v.string(item, f"{path}[{i}]")
+        if name is None:
+            continue
+        name = name.strip()
+        if not _FIELD_NAME.fullmatch(name):
+            v.error(f"{path}[{i}]", f"not a header field name: {name!r}")
+        elif name.lower() in DKIM_NEVER_SIGNED:
+            v.error(f"{path}[{i}]", f"{name} must not be signed (RFC 6376 §5.4.1)")
+        elif name.lower() in (n.lower() for n in out):
+            v.error(f"{path}[{i}]", f"{name} is listed twice")
+        else:
+            out.append(name)
+    if "from" not in (n.lower() for n in out) and not v.has_issue_under(path):
+        v.error(path, "must include From (RFC 6376 §5.4)")
+    return tuple(out)
 
 
 def _delivery(v: _Validator, raw: Any) -> DeliveryConfig:
@@ -513,10 +552,13 @@ def _delivery(v: _Validator, raw: Any) -> DeliveryConfig:
 
     destinations: dict[str, DestinationPolicy] = {}
     for domain, path, item in v.domain_map(m.get("destinations"), "delivery.destinations"):
-        d = v.section(item, path, ("tls", "max_connections", "rate"))
+        d = v.section(item, path, ("tls", "max_connections", "rate", "dnssec"))
         policy: dict[str, Any] = {}
         if "tls" in d:
             policy["tls"] = cast(TLSPolicy | None, v.choice(d["tls"], f"{path}.tls", TLS_POLICIES))
+        if "dnssec" in d:
+            policy["dnssec"] = cast(DNSSECPolicy | None,
+                                    v.choice(d["dnssec"], f"{path}.dnssec", DNSSEC_POLICIES))
         if d.get("max_connections") is not None:
             policy["max_connections"] = v.integer(d["max_connections"], f"{path}.max_connections")
         if d.get("rate") is not None:
@@ -589,7 +631,7 @@ def _modules(v: _Validator, raw: Any) -> tuple[ModuleSpec, ...]:
     out: list[ModuleSpec] = []
     for i, item in enumerate(v.sequence(raw, "modules") or []):
         path = f"modules[{i}]"
-        m = v.entry(item, path, ("name", "options"))
+        m = v.entry(item, path, ("name", "options", "fail_open", "timeout"))
         if m is None:
             continue
         name = v.string(m["name"], f"{path}.name") if v.required(m, "name", path) else None
@@ -599,8 +641,17 @@ def _modules(v: _Validator, raw: Any) -> tuple[ModuleSpec, ...]:
         elif not isinstance(options, dict):
             v.expected(f"{path}.options", "a mapping", options)
             continue
-        if name is not None:
-            out.append(ModuleSpec(name=name, options=dict(options)))
+        fail_open = m.get("fail_open", False)
+        if not isinstance(fail_open, bool):
+            v.expected(f"{path}.fail_open", "true or false", fail_open)
+            continue
+        timeout = v.seconds(m["timeout"], f"{path}.timeout") if "timeout" in m else 5.0
+        if timeout is not None and timeout > MAX_MODULE_TIMEOUT:
+            v.error(f"{path}.timeout", f"at most {MAX_MODULE_TIMEOUT} seconds")
+            timeout = None
+        if name is not None and timeout is not None:
+            out.append(ModuleSpec(name=name, options=dict(options), fail_open=fail_open,
+                                  timeout=timeout))
     return tuple(out)
 
 
@@ -634,7 +685,12 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
                 v.error("postmaster", str(exc))
     state_dir = _state_dir(v, top["state_dir"]) if v.required(top, "state_dir", "") else None
 
-    submission = v.section(top.get("submission"), "submission", ("users_file",))
+    submission = v.section(top.get("submission"), "submission",
+                           ("users_file", "sender_login_match"))
+    login_match = submission.get("sender_login_match", False)
+    if not isinstance(login_match, bool):
+        v.expected("submission.sender_login_match", "true or false", login_match)
+        login_match = False
     control = v.section(top.get("control"), "control", ("socket", "token_file"))
     log = v.section(top.get("log"), "log", ("level",))
     level = v.choice(log["level"], "log.level", LOG_LEVELS) if "level" in log else None
@@ -656,7 +712,8 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
         limits=_limits(v, top.get("limits")),
         tls=_tls(v, top.get("tls")),
         submission=SubmissionConfig(
-            users_file=v.optional_abs_path(submission, "users_file", "submission")
+            users_file=v.optional_abs_path(submission, "users_file", "submission"),
+            sender_login_match=login_match,
         ),
         dkim=_dkim(v, top.get("dkim")),
         delivery=_delivery(v, top.get("delivery")),
@@ -668,6 +725,11 @@ def _validate(v: _Validator, data: Any, source: Path | None) -> Config:
         **{k: x for k, x in extra.items() if x is not None},
     )
     _check_local_routes(v, cfg)
+    if v.check_modules and not v.has_issue_under("modules"):
+        from empath.modules.loader import module_issues  # imports the modules' code
+
+        for key_path, message in module_issues(cfg):
+            v.error(key_path, message)
     # Syntax first, then the feature table: a key that is both malformed and
     # unsupported gets the more useful syntax message only.
     for key_path, message in unsupported_settings(cfg):
@@ -711,18 +773,23 @@ def _document_order(issue: ConfigIssue) -> int:
 # ------------------------------------------------------------------ entry points
 
 
-def load_config_text(text: str, source: Path | None = None) -> Config:
+def load_config_text(text: str, source: Path | None = None, *,
+                     check_modules: bool = True) -> Config:
     """Validate config ``text``. ``source`` is the file it came from: it labels error
     messages and anchors a relative ``state_dir``; without it ``<config>`` and the
-    current directory are used. Raises ConfigError listing every issue."""
+    current directory are used. Raises ConfigError listing every issue.
+
+    ``check_modules``: build every module to check its options (imports its code);
+    tools that only read a setting or two (sendmail, passwd) pass False."""
     label = str(source) if source is not None else NO_SOURCE_LABEL
     base_dir = source.absolute().parent if source is not None else Path.cwd()
     data = parse_yaml(text, label)
     v = _Validator(label, base_dir)
+    v.check_modules = check_modules
     return _validate(v, data, source.absolute() if source is not None else None)
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, check_modules: bool = True) -> Config:
     """Read and validate the config file at ``path`` (see load_config_text)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -731,4 +798,4 @@ def load_config(path: Path) -> Config:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError([ConfigIssue(str(path), "", f"cannot read: {reason}")]) from None
-    return load_config_text(text, path)
+    return load_config_text(text, path, check_modules=check_modules)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 Role = Literal["smtp", "submission"]
 DeliveryMode = Literal["mx", "relay", "hold"]
 TLSPolicy = Literal["none", "may", "encrypt", "verify"]
+DNSSECPolicy = Literal["may", "require"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -38,10 +39,22 @@ class Limits:
     per_client_rate: int = 60  # new connections per minute per client address
     max_errors: int = 20
     min_free_space: int = 104_857_600
-    # Seconds a client may stay silent between commands (RFC 5321 §4.5.3.2.7: 5 min).
+    # Seconds for each command line to arrive whole, counted from our previous reply
+    # (RFC 5321 §4.5.3.2.7: 5 min); bytes trickling in do not extend it.
     command_timeout: float = 300.0
-    # Seconds to wait for a chunk of DATA (RFC 5321 §4.5.3.2.6: 3 min).
+    # Seconds inside DATA for each further 64 KiB (or the final dot) to arrive
+    # (RFC 5321 §4.5.3.2.6: 3 min); bytes trickling in do not extend it.
     data_timeout: float = 180.0
+    # Seconds a session may last in all, however busy (slow-loris bound).
+    max_session_time: float = 3600.0
+    # Octets of the message's header section (before the first empty line).
+    max_header_size: int = 1_048_576
+    # Failed AUTH per client address within auth_failure_window seconds before the
+    # session is dropped and the address refused (empath/smtp/auth.py).
+    auth_failures: int = 5
+    auth_failure_window: float = 600.0
+    # Seconds each failed AUTH's reply waits, times the address's failures (capped at 5).
+    auth_failure_delay: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +66,8 @@ class TLSConfig:
 @dataclass(frozen=True, slots=True)
 class SubmissionConfig:
     users_file: Path | None = None
+    # A user may use only MAIL FROM addresses the users file gives them (or their login).
+    sender_login_match: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,8 @@ class DestinationPolicy:
     tls: TLSPolicy = "may"
     max_connections: int | None = None
     rate: float | None = None  # messages per second
+    # require: MX routing only on DNSSEC-authenticated answers, else defer (docs/dnssec.md)
+    dnssec: DNSSECPolicy = "may"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +121,25 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModuleSpec:
-    name: str
+    name: str  # entry point (group empath.modules), built-in, or package.module:Factory
     options: dict[str, Any] = field(default_factory=dict)
+    # A failing module (raised, timed out) is skipped rather than tempfailing the client.
+    fail_open: bool = False
+    # Seconds each call may take (asyncio.timeout); then it counts as failing.
+    timeout: float = 5.0
+
+
+# ``dkim.<domain>.headers`` when unset: each is signed and oversigned (docs/dkim.md).
+DKIM_DEFAULT_HEADERS = (
+    "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
+    "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References",
+    # RFC 8058 §4: one-click unsubscribe needs both covered by the signature.
+    "List-Unsubscribe", "List-Unsubscribe-Post",
+)  # fmt: skip
+# RFC 6376 §5.4.1: changed in transit, or not to be seen; never in a headers list.
+DKIM_NEVER_SIGNED = frozenset(
+    {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
+)
 
 
 @dataclass(frozen=True, slots=True)

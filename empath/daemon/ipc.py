@@ -26,6 +26,9 @@ worker → supervisor:
   ``response`` {id, result, error}: the answer to ``request`` ``id`` (error null, or
               why there is no result).
   ``metrics`` {snapshot}: its final counts, sent as it stops.
+  ``auth-failed`` {n, ip}: a failed SMTP AUTH from ``ip``; the supervisor counts it per
+              address (across workers) and answers ``auth-failed`` {n, count} with the
+              failures in the current window.
 """
 
 from __future__ import annotations

@@ -53,12 +53,14 @@ from empath.daemon.listeners import (
     bind_listeners,
     from_systemd,
 )
+from empath.delivery.dkim import DkimError
+from empath.delivery.dkim import load_keys as load_dkim_keys
 from empath.log import setup_logging
 from empath.metrics.auth import MetricsAuthError, load_auth
 from empath.metrics.http import MetricsServer
 from empath.metrics.service import LiveGauge, ServiceMetrics, top_n
 from empath.queue import QueueManager
-from empath.smtp.server import make_tls_context
+from empath.smtp.server import make_tls_context, users_file_error
 from empath.spool import Envelope, Spool
 from empath.statedir import StateDirError, validate_state_dir
 from empath.systemd import events
@@ -259,6 +261,9 @@ class Supervisor:
                 if refusal is None:
                     worker.clients[ip] = worker.clients.get(ip, 0) + 1
                 channel.send({"t": "admit", "n": msg.get("n"), "refuse": refusal})
+            elif kind == "auth-failed":
+                channel.send({"t": "auth-failed", "n": msg.get("n"),
+                              "count": anvil.auth_failed(str(msg.get("ip")))})
             elif kind == "release":
                 ip = str(msg.get("ip"))
                 held = worker.clients.get(ip, 0)
@@ -360,10 +365,17 @@ class Supervisor:
             make_tls_context(new)
         except (OSError, ssl.SSLError, ValueError) as exc:
             return self._refused([f"{path}: tls: cannot load certificate and key: {exc}"])
+        users_error = users_file_error(new)  # the SMTP AUTH passwords, also re-read
+        if users_error is not None:
+            return self._refused([f"{path}: {users_error}"])
         try:
             metrics_auth = load_auth(new.metrics)
         except MetricsAuthError as exc:
             return self._refused([f"{path}: {exc}"])
+        try:
+            dkim_keys = load_dkim_keys(new)
+        except DkimError as exc:
+            return self._refused([f"{path}: {p}" for p in exc.problems])
         if self.control is not None:
             try:
                 # Read and checked now, kept only if the reload goes ahead.
@@ -389,6 +401,7 @@ class Supervisor:
         self.generation += 1
         self.anvil.config = new
         self.queue.apply_config(new)
+        self.queue.dkim.use(dkim_keys)
         setup_logging(new.log.level)
         errors = await self._push_config(self.generation)
         return ReloadResult(ok=not errors, applied=True, errors=errors, changed=changed,
@@ -872,6 +885,17 @@ def run(config_path: Path) -> int:
                   extra={"EMPATH_EVENT": events.CONFIG_ERROR})
         notifier.notify(f"STATUS=tls: cannot load certificate and key: {exc}")
         return EXIT_CONFIG
+    users_error = users_file_error(config)
+    if users_error is not None:
+        log.error("%s: %s", config_path, users_error, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        notifier.notify(f"STATUS={users_error}")
+        return EXIT_CONFIG
+    try:
+        dkim_keys = load_dkim_keys(config)
+    except DkimError as exc:
+        log.error("%s: %s", config_path, exc, extra={"EMPATH_EVENT": events.CONFIG_ERROR})
+        notifier.notify(f"STATUS={exc.problems[0]}")
+        return EXIT_CONFIG
     try:
         validate_state_dir(config.state_dir)
     except StateDirError as exc:
@@ -913,6 +937,7 @@ def run(config_path: Path) -> int:
         return 1
     supervisor = Supervisor(config, text, listeners, spool, config_path=config_path,
                             socket_activated=activated, notifier=notifier, watchdog=watchdog)
+    supervisor.queue.dkim.use(dkim_keys)
     try:
         envelopes, report.envelopes = report.envelopes, {}
         return asyncio.run(supervisor.run(report.ids, envelopes))

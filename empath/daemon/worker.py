@@ -34,6 +34,7 @@ class Worker:
         self.channel = channel
         self.sockets = sockets
         self.pending: dict[int, asyncio.Future[str | None]] = {}
+        self.auth_pending: dict[int, asyncio.Future[int]] = {}
         self.ids = itertools.count(1)
         self.front: Front | None = None
         self.stop = asyncio.Event()
@@ -47,6 +48,14 @@ class Worker:
 
     def release(self, ip: str) -> None:
         self.channel.send({"t": "release", "ip": ip})
+
+    async def auth_failed(self, ip: str) -> int:
+        """A failed AUTH, counted by the supervisor's anvil across workers."""
+        n = next(self.ids)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.auth_pending[n] = fut
+        self.channel.send({"t": "auth-failed", "n": n, "ip": ip})
+        return await fut
 
     def queued(self, envelope: Envelope) -> None:
         # What the queue's index needs, so `queue stats` never reads the spool.
@@ -70,7 +79,8 @@ class Worker:
         # only at restart, and a worker restarted meanwhile must not follow it early.
         spool = Spool(Path(first["spool"]) if first.get("spool") else cfg.spool_dir)
         self.front = front = Front(
-            cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued
+            cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued,
+            auth_failed=self.auth_failed,
         )
         for sock, role in self.sockets:
             await front.serve(sock, role)
@@ -91,6 +101,9 @@ class Worker:
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_result("421 4.3.2 Service shutting down")
+        for failed in self.auth_pending.values():
+            if not failed.done():
+                failed.set_result(0)
         spool.close()
         return 0
 
@@ -107,6 +120,11 @@ class Worker:
                 fut = self.pending.pop(int(msg["n"]), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.get("refuse"))
+            elif kind == "auth-failed":
+                failed = self.auth_pending.pop(int(msg["n"]), None)
+                count = msg.get("count")
+                if failed is not None and not failed.done():
+                    failed.set_result(count if isinstance(count, int) else 0)
             elif kind == "config" and self.front is not None:
                 self.channel.send({"t": "applied", "gen": msg.get("gen"),
                                    "error": self._apply(msg)})

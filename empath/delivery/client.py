@@ -677,8 +677,10 @@ def _encode(s: str) -> bytes:
 
 class _Transaction:
     def __init__(self, conn: _Connection, env: Envelope, rcpts: list[Recipient],
-                 data: BinaryIO, size: int, settings: ClientSettings) -> None:
+                 data: BinaryIO, size: int, settings: ClientSettings,
+                 prefix: bytes = b"") -> None:
         self.conn = conn
+        self.prefix = prefix
         self.env = env
         self.rcpts = rcpts
         self.data = data
@@ -866,6 +868,8 @@ class _Transaction:
         stage = "sending message body"
         at_line_start = True
         tail = b""
+        if self.prefix:  # whole header lines (DKIM-Signature), none starts with "."
+            conn.write(self.prefix, stage)
         while True:
             try:
                 chunk = await asyncio.to_thread(f.read, CHUNK_SIZE)
@@ -903,8 +907,11 @@ def _all_failed(rcpts: list[Recipient], failures: list[_TargetFailed]) -> list[R
 
 
 async def deliver(env: Envelope, rcpts: list[Recipient], data_path: Path, targets: list[Target],
-                  settings: ClientSettings, *, pool: ConnectionPool) -> list[RcptResult]:
+                  settings: ClientSettings, *, pool: ConnectionPool,
+                  prefix: bytes = b"") -> list[RcptResult]:
     """One transaction for these recipients (all of one domain / next hop).
+
+    ``prefix`` (header lines, e.g. a DKIM signature) is sent before the spooled data.
 
     Returns one RcptResult per recipient, in the same order. Never raises for
     anything the network or the next hop does.
@@ -917,7 +924,7 @@ async def deliver(env: Envelope, rcpts: list[Recipient], data_path: Path, target
         text = f"cannot open the queued message: {exc.strerror or exc}"
         return [RcptResult(r.address, "deferred", "4.3.0", text) for r in rcpts]
     try:
-        size = os.fstat(f.fileno()).st_size
+        size = os.fstat(f.fileno()).st_size + len(prefix)
         failures: list[_TargetFailed] = []
         for target in targets:
             key = ConnectionPool._key(target, settings)
@@ -939,7 +946,7 @@ async def deliver(env: Envelope, rcpts: list[Recipient], data_path: Path, target
             f.seek(0)
             try:
                 results, reusable = await _Transaction(conn, env, rcpts, f, size,
-                                                       settings).run()
+                                                       settings, prefix).run()
             except BaseException:
                 conn.abort()
                 raise

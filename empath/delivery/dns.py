@@ -14,12 +14,19 @@ sees dnspython exceptions:
 Positive and negative answers are cached for their TTL (negative: the SOA's
 MINIMUM/TTL, RFC 2308 §5) in an LRU of bounded size; temporary failures are not
 cached, so the next attempt asks again.
+
+DNSSEC: queries carry the AD flag (RFC 6840 §5.7), which asks a validating resolver to
+say whether it validated the answer, without the cost of DO (signatures in every
+reply). Each answer's ``authenticated`` is that AD bit — but only when every
+nameserver is on loopback (``trusts_ad``): from a remote resolver the bit crosses a
+network on which anyone can set it. Cached answers keep it. See docs/dnssec.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -29,6 +36,7 @@ from typing import Any, Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rdatatype
@@ -45,6 +53,7 @@ __all__ = [
     "AddrKind",
     "MXAnswer",
     "MXKind",
+    "is_loopback_nameserver",
     "parse_nameserver",
 ]
 
@@ -63,26 +72,34 @@ POSITIVE_TTL_CAP = 86_400
 # empath_dns_lookups_total's result label, from an answer's kind
 _LOOKUP_RESULT = {"ok": "ok", "nodata": "nodata", "nxdomain": "nxdomain", "tempfail": "error"}
 
+log = logging.getLogger("empath.delivery.dns")
+
 
 @dataclass(frozen=True, slots=True)
 class MXAnswer:
     """``hosts``: (preference, host name) in the order to try; ``ttl``: seconds this
-    answer remains valid (0 for tempfail); ``error``: why, for tempfail/nxdomain."""
+    answer remains valid (0 for tempfail); ``error``: why, for tempfail/nxdomain;
+    ``authenticated``: DNSSEC-validated by a trusted resolver (for ``implicit``, the
+    proof that there is no MX)."""
 
     kind: MXKind
     hosts: list[tuple[int, str]] = field(default_factory=list)
     ttl: int = 0
     error: str | None = None
+    authenticated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AddrAnswer:
-    """``ips``: IPv6 addresses first, then IPv4, each in the order DNS gave them."""
+    """``ips``: IPv6 addresses first, then IPv4, each in the order DNS gave them.
+    ``authenticated``: every answer that contributed an address was validated (an IP
+    literal counts as authenticated: no DNS answer to forge)."""
 
     kind: AddrKind
     ips: list[str] = field(default_factory=list)
     ttl: int = 0
     error: str | None = None
+    authenticated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +111,7 @@ class _Entry:
     records: tuple[Any, ...]
     expires: float
     error: str | None = None
+    authenticated: bool = False
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -106,6 +124,18 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"nameserver {text!r} is not an IP address") from None
     return ip, 53 if port is None else port
+
+
+def is_loopback_nameserver(ip: str) -> bool:
+    """Whether the AD bit from ``ip`` can be believed: only a resolver on this machine
+    (127.0.0.0/8, ::1, or ::ffff:127.x) answers without a network path in between."""
+    try:
+        addr = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 def _nameserver_config(nameservers: Iterable[str]) -> tuple[list[str], dict[str, int]]:
@@ -151,6 +181,10 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
     return 0
 
 
+def _ad(response: dns.message.Message | None) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
 def _nxdomain_response(exc: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
     try:
         responses = exc.responses()  # type: ignore[no-untyped-call]
@@ -192,6 +226,9 @@ class DNS:
     empty means the system resolver configuration (/etc/resolv.conf). ``timeout`` bounds
     each lookup as a whole; ``cache_size`` is the number of (name, type) answers kept
     (0 disables caching). ``clock`` is for tests.
+
+    ``trusts_ad``: whether answers' AD bits are believed (every nameserver on
+    loopback); when not, every answer is unauthenticated, and the log says why once.
     """
 
     def __init__(
@@ -210,6 +247,7 @@ class DNS:
         self._inflight: dict[tuple[str, _RRType], asyncio.Task[_Entry]] = {}
         self._setup_error: str | None = None
         self._resolver = self._make_resolver()
+        self.trusts_ad = self._check_trust()
 
     def _make_resolver(self) -> dns.asyncresolver.Resolver:
         if self.nameservers:
@@ -230,7 +268,24 @@ class DNS:
         # (dnspython's default) so a dead first server leaves time for the next one.
         resolver.lifetime = self.timeout
         resolver.timeout = min(2.0, self.timeout)
+        # AD in the query: "tell me whether you validated this" (RFC 6840 §5.7).
+        resolver.flags = dns.flags.RD | dns.flags.AD
         return resolver
+
+    def _check_trust(self) -> bool:
+        servers = list(self._resolver.nameservers)
+        if self._setup_error is not None or not servers:
+            return False
+        # dnspython ≥ 2.4 may hold Nameserver objects (DoH, DoT): not plain Do53 on
+        # loopback, so not trusted.
+        remote = [str(ns) for ns in servers
+                  if not (isinstance(ns, str) and is_loopback_nameserver(ns))]
+        if remote:
+            log.info("DNSSEC: nameserver %s is not on loopback; AD bits are not trusted "
+                     "and every DNS answer counts as unauthenticated (docs/dnssec.md)",
+                     ", ".join(remote))
+            return False
+        return True
 
     # -- public lookups ---------------------------------------------------------------
 
@@ -239,15 +294,17 @@ class DNS:
         entry = await self._lookup(name, "MX")
         ttl = self._remaining(entry)
         kind = _mx_kind(entry)
+        ad = entry.authenticated
         if kind == "mx":
             # A "." next to real hosts is a broken null MX: skip it, try the others.
             hosts = _order_mx(tuple(r for r in entry.records if r[1] != "."))
-            return MXAnswer("mx", hosts, ttl)
+            return MXAnswer("mx", hosts, ttl, authenticated=ad)
         if kind == "implicit":
-            return MXAnswer("implicit", [(0, name)], ttl)
+            return MXAnswer("implicit", [(0, name)], ttl, authenticated=ad)
         if kind == "null":
-            return MXAnswer("null", [], ttl, f"{name} publishes a null MX (RFC 7505)")
-        return MXAnswer(kind, [], ttl, entry.error)
+            return MXAnswer("null", [], ttl, f"{name} publishes a null MX (RFC 7505)",
+                            authenticated=ad)
+        return MXAnswer(kind, [], ttl, entry.error, authenticated=ad)
 
     async def addresses(self, host: str) -> AddrAnswer:
         """A and AAAA of ``host`` (queried concurrently); an IP literal is returned as is."""
@@ -255,7 +312,8 @@ class DNS:
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
         if _is_ip(name):
-            return AddrAnswer("ok", [str(ipaddress.ip_address(name))], POSITIVE_TTL_CAP)
+            return AddrAnswer("ok", [str(ipaddress.ip_address(name))], POSITIVE_TTL_CAP,
+                              authenticated=True)
         v6, v4 = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"))
         ttl = min(self._remaining(v6), self._remaining(v4))
         ips = [*v6.records, *v4.records]
@@ -263,16 +321,21 @@ class DNS:
             # One family answering is enough to deliver; a tempfail of the other only
             # means fewer addresses to try this time.
             ttl = min(self._remaining(e) for e in (v6, v4) if e.kind == "ok")
-            return AddrAnswer("ok", ips, ttl)
+            # Only the answers we take addresses from matter: a forged "no AAAA" can
+            # only take addresses away, a forged AAAA would be an "ok" answer itself.
+            ad = all(e.authenticated for e in (v6, v4) if e.kind == "ok")
+            return AddrAnswer("ok", ips, ttl, authenticated=ad)
         # tempfail first: an NXDOMAIN for one type and a timeout for the other is no
         # proof that the name does not exist.
         for e in (v6, v4):
             if e.kind == "tempfail":
                 return AddrAnswer("tempfail", [], 0, e.error)
+        ad = v6.authenticated and v4.authenticated
         for e in (v6, v4):
             if e.kind == "nxdomain":
-                return AddrAnswer("nxdomain", [], ttl, e.error)
-        return AddrAnswer("nodata", [], ttl, f"{name} has no A or AAAA record")
+                return AddrAnswer("nxdomain", [], ttl, e.error, authenticated=ad)
+        return AddrAnswer("nodata", [], ttl, f"{name} has no A or AAAA record",
+                          authenticated=ad)
 
     # -- cache (control plane: ``empathctl dns cache [--clear]``) ---------------------
 
@@ -293,6 +356,7 @@ class DNS:
                     "kind": kind,
                     "expires_in": self._remaining(entry),
                     "data": data,
+                    "authenticated": entry.authenticated,
                 }
             )
         return out
@@ -353,6 +417,10 @@ class DNS:
     async def _query(self, name: str, rrtype: _RRType) -> _Entry:
         entry = await self._ask(name, rrtype)
         metrics.inc("empath_dns_lookups_total", (rrtype, _LOOKUP_RESULT.get(entry.kind, "error")))
+        if entry.kind != "tempfail":
+            result = ("authenticated" if entry.authenticated else
+                      "unauthenticated" if self.trusts_ad else "untrusted")
+            metrics.inc("empath_dns_authenticated_total", (result,))
         self._cache_put((name, rrtype), entry)
         return entry
 
@@ -375,8 +443,10 @@ class DNS:
                 qname, rrtype, raise_on_no_answer=False, search=False
             )
         except dns.resolver.NXDOMAIN as exc:
-            ttl = _negative_ttl(_nxdomain_response(exc))
-            return _Entry("nxdomain", (), now + ttl, f"{name}: no such domain (NXDOMAIN)")
+            response = _nxdomain_response(exc)
+            return _Entry("nxdomain", (), now + _negative_ttl(response),
+                          f"{name}: no such domain (NXDOMAIN)",
+                          self.trusts_ad and _ad(response))
         except dns.exception.Timeout:
             return self._tempfail(
                 f"{rrtype} lookup for {name} timed out after {self.timeout:g}s"
@@ -386,10 +456,11 @@ class DNS:
             # YXDOMAIN, malformed answers, socket errors: all worth a later retry.
             return self._tempfail(f"{rrtype} lookup for {name} failed: {exc}")
         rrset = answer.rrset
+        ad = self.trusts_ad and _ad(answer.response)
         if rrset is None or len(rrset) == 0:
             return _Entry(
                 "nodata", (), now + _negative_ttl(answer.response),
-                f"{name} has no {rrtype} record",
+                f"{name} has no {rrtype} record", ad,
             )
         # chaining_result.minimum_ttl covers CNAMEs on the way, like the answer's expiry.
         ttl = min(int(answer.chaining_result.minimum_ttl), POSITIVE_TTL_CAP)
@@ -404,4 +475,4 @@ class DNS:
             )
         else:
             records = tuple(str(ipaddress.ip_address(r.address)) for r in rrset)
-        return _Entry("ok", records, now + ttl)
+        return _Entry("ok", records, now + ttl, None, ad)

@@ -29,6 +29,14 @@ temporary (defer). When there is any doubt the failure is temporary:
   (NXDOMAIN 5.1.2, null MX 5.1.10, MX hosts without addresses 5.4.4) bounce;
 - a next hop that is ourselves bounces with 5.4.6 (a loop cannot fix itself).
 
+DNSSEC: an MX route says whether the answers it rests on were authenticated
+(``Route.dnssec``: the MX answer, or the proof that there is none, and the address
+answers of the hosts it will try; None when no MX answer was used). A destination
+with ``dnssec: require`` (``delivery.destinations``) is deferred with 4.7.5 when they
+were not — a forged answer could point mail anywhere, and also fake an NXDOMAIN or a
+null MX, so even those defer rather than bounce; validation may recover, hence
+temporary, as DANE (RFC 7672) defers when its secure lookups fail. See docs/dnssec.md.
+
 Ourselves in the MX list (what makes empath work as a backup MX): an MX host is us
 when its name is our ``hostname``, or when one of its addresses with the MX port is
 one of our listening endpoints. We then drop ourselves and every MX whose preference
@@ -44,7 +52,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +98,9 @@ class Route:
     the socket path, ``port`` 0). ``path``: the Maildir root for ``maildir``.
     ``source`` says which rule decided and ``nexthop`` is the canonical next-hop text
     (``mx:example.com`` for MX routing), for logs and ``empathctl``.
+    ``dnssec``: for MX routing, whether every DNS answer it used was authenticated
+    (None: not MX routing, or no MX answer); ``unauthenticated`` names those that were
+    not, for the diagnostic.
     """
 
     kind: RouteKind
@@ -98,6 +109,8 @@ class Route:
     failure: RouteFailure | None = None
     source: RouteSource = ""
     nexthop: str = ""
+    dnssec: bool | None = None
+    unauthenticated: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,13 +235,30 @@ async def resolve_route(
     """Where mail for ``domain`` goes now. Never raises: errors are ``Route.failure``."""
     key = domain.strip().rstrip(".").lower()
     try:
-        return await _resolve(key, config, dns, overrides, own)
+        return _dnssec_policy(key, config, dns, await _resolve(key, config, dns, overrides, own))
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a bug must defer the mail, not lose it
         log.exception("route: resolving %s failed unexpectedly", key)
         return _fail("smtp", False, "4.3.0", f"internal error while routing {key}: {exc}",
                      "", "")
+
+
+def _dnssec_policy(domain: str, config: Config, dns: DNS, route: Route) -> Route:
+    """``dnssec: require``: an MX route on unauthenticated answers becomes a deferral."""
+    policy = config.delivery.destinations.get(domain)
+    if policy is None or policy.dnssec != "require" or route.dnssec is not False:
+        return route
+    if not dns.trusts_ad:
+        why = ("the resolver is not on loopback, so its AD bit is not trusted; run a "
+               "validating resolver on this host")
+    else:
+        why = "the resolver did not validate them: is the zone signed, does the resolver validate?"
+    parts = route.unauthenticated
+    verb = "was" if len(parts) == 1 else "were"
+    text = (f"DNSSEC required for {domain}, but {' and '.join(parts)} {verb} "
+            f"not authenticated ({why})")
+    return replace(route, targets=[], failure=RouteFailure(False, "4.7.5", text))
 
 
 async def _resolve(
@@ -352,10 +382,20 @@ async def _mx_route(
     mx = await dns.mx(mx_domain)
     if mx.kind == "tempfail":
         return fail(False, "4.4.3", f"MX lookup for {mx_domain} failed temporarily: {mx.error}")
+    insecure: list[str] = []
+    if not mx.authenticated:
+        insecure.append({"mx": f"the MX answer for {mx_domain}",
+                         "implicit": f"the answer that {mx_domain} has no MX",
+                         "nxdomain": f"the NXDOMAIN answer for {mx_domain}",
+                         "null": f"the null MX of {mx_domain}"}[mx.kind])
+
+    def dnssec(route: Route) -> Route:
+        return replace(route, dnssec=not insecure, unauthenticated=tuple(insecure))
+
     if mx.kind == "nxdomain":
-        return fail(True, "5.1.2", f"domain {mx_domain} does not exist (NXDOMAIN)")
+        return dnssec(fail(True, "5.1.2", f"domain {mx_domain} does not exist (NXDOMAIN)"))
     if mx.kind == "null":
-        return fail(True, "5.1.10", f"{mx_domain} does not accept mail (null MX)")
+        return dnssec(fail(True, "5.1.10", f"{mx_domain} does not accept mail (null MX)"))
     implicit = mx.kind == "implicit"
 
     hosts = mx.hosts
@@ -370,8 +410,8 @@ async def _mx_route(
     if our_pref is not None:
         kept = [(h, a) for h, a in zip(hosts, answers, strict=True) if h[0] < our_pref]
         if not kept:
-            return fail(True, "5.4.6",
-                        f"mail for {mx_domain} loops back to myself (we are its best MX)")
+            return dnssec(fail(True, "5.4.6",
+                               f"mail for {mx_domain} loops back to myself (we are its best MX)"))
     else:
         kept = list(zip(hosts, answers, strict=True))
 
@@ -382,24 +422,30 @@ async def _mx_route(
         if answer.kind != "ok":
             failures.append((name, answer))
             continue
+        if not answer.authenticated:
+            insecure.append(f"the addresses of {name}")
         for ip in answer.ips:
             if (ip, port) in seen:
                 continue
             seen.add((ip, port))
             targets.append(Target(name=name, address=ip, port=port, preference=pref))
     if targets:
-        return Route("smtp", targets, source=source, nexthop=nexthop)
+        return dnssec(Route("smtp", targets, source=source, nexthop=nexthop))
+    # Without targets, the failed address answers are what the result rests on.
+    insecure.extend(f"the addresses of {n}" for n, a in failures
+                    if a.kind != "tempfail" and not a.authenticated)
 
     temp = [(n, a) for n, a in failures if a.kind == "tempfail"]
     if temp:
         detail = "; ".join(f"{n}: {a.error}" for n, a in temp)
-        return fail(False, "4.4.3", f"cannot resolve the mail hosts of {mx_domain}: {detail}")
+        return dnssec(fail(False, "4.4.3",
+                           f"cannot resolve the mail hosts of {mx_domain}: {detail}"))
     if implicit:
         # No MX and the domain exists (MX NODATA) but has no address either.
         if failures and failures[0][1].kind == "nxdomain":
-            return fail(True, "5.1.2", f"domain {mx_domain} does not exist (NXDOMAIN)")
-        return fail(True, "5.4.4",
-                    f"unable to route: {mx_domain} has no MX and no A or AAAA record")
+            return dnssec(fail(True, "5.1.2", f"domain {mx_domain} does not exist (NXDOMAIN)"))
+        return dnssec(fail(True, "5.4.4",
+                           f"unable to route: {mx_domain} has no MX and no A or AAAA record"))
     names = ", ".join(n for n, _a in failures)
-    return fail(True, "5.4.4",
-                f"unable to route: no MX host of {mx_domain} has an address ({names})")
+    return dnssec(fail(True, "5.4.4",
+                       f"unable to route: no MX host of {mx_domain} has an address ({names})"))

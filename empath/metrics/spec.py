@@ -61,7 +61,8 @@ _ALL = (
     MetricSpec("empath_smtp_connections_refused_total", "counter",
                "SMTP connections refused with 421 by a connection limit",
                ("listener", "reason"),
-               values=(LISTENERS, ("max_connections", "per_client", "rate", "shutdown"))),
+               values=(LISTENERS, ("max_connections", "per_client", "rate", "auth_failures",
+                                   "shutdown"))),
     MetricSpec("empath_smtp_sessions_active", "gauge", "SMTP sessions open now",
                ("listener",)),
     MetricSpec("empath_smtp_listeners_open", "gauge",
@@ -77,6 +78,15 @@ _ALL = (
     MetricSpec("empath_smtp_tls_sessions_total", "counter",
                "inbound STARTTLS handshakes completed, by protocol version",
                ("listener", "version"), values=(LISTENERS, TLS_VERSIONS)),
+    MetricSpec("empath_smtp_auth_total", "counter",
+               "SMTP AUTH attempts, by result (encryption_required: tried before STARTTLS; "
+               "malformed: undecodable or cancelled)", ("listener", "result"),
+               values=(LISTENERS, ("success", "failure", "malformed", "encryption_required"))),
+    MetricSpec("empath_smtp_timeouts_total", "counter",
+               "SMTP sessions closed with 421 by a time limit: a command line or DATA "
+               "progress too slow (limits.command_timeout, data_timeout) or the session "
+               "too long (max_session_time)", ("listener", "phase"),
+               values=(LISTENERS, ("command", "data", "session"))),
     # queue and delivery (counted in the supervisor)
     MetricSpec("empath_delivery_attempts_total", "counter",
                "delivery attempts, one per recipient per attempt, by result and next hop",
@@ -104,12 +114,19 @@ _ALL = (
                ("type", "result"), values=(RRTYPES, ("ok", "nxdomain", "nodata", "error"))),
     MetricSpec("empath_dns_cache_hits_total", "counter",
                "DNS answers served from empath's cache", ("type",), values=(RRTYPES,)),
+    MetricSpec("empath_dns_authenticated_total", "counter",
+               "DNS answers received by the delivery resolver, by DNSSEC status "
+               "(untrusted: the resolver is not on loopback, its AD bit is ignored)",
+               ("result",), values=(("authenticated", "unauthenticated", "untrusted"),)),
     MetricSpec("empath_delivery_tls_sessions_total", "counter",
                "outbound SMTP/LMTP sessions opened, by TLS version (none: plain text)",
                ("version",), values=((*TLS_VERSIONS, "none"),)),
     MetricSpec("empath_dsn_sent_total", "counter",
                "delivery status notifications generated, by action", ("action",),
                values=(("failed", "delayed", "delivered"),)),
+    MetricSpec("empath_dkim_signatures_total", "counter",
+               "DKIM signatures made for outbound messages (error: ours to sign, sent "
+               "unsigned)", ("result",), values=(("signed", "error"),)),
     MetricSpec("empath_config_reloads_total", "counter",
                "configuration reloads (SIGHUP, empathctl reload), by result", ("result",),
                values=(("success", "failure"),)),
@@ -121,6 +138,14 @@ _ALL = (
                "bytes available to the daemon on the spool's filesystem"),
     MetricSpec("empath_spool_filesystem_size_bytes", "gauge",
                "size of the spool's filesystem"),
+    # modules (hooks counted in the workers, events in the supervisor); the module
+    # label is a name from the config's modules list, so the set stays bounded
+    MetricSpec("empath_module_errors_total", "counter",
+               "module calls that raised, ran out of time or returned something invalid "
+               "(the client got 451 4.3.0 unless the module is fail_open)",
+               ("module", "hook")),
+    MetricSpec("empath_module_events_dropped_total", "counter",
+               "queue events not given to modules because their queue was full"),
 )
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in _ALL}

@@ -33,6 +33,7 @@ from typing import Any
 from empath import metrics
 from empath.config.model import Config
 from empath.delivery.client import ClientSettings, ConnectionPool, deliver
+from empath.delivery.dkim import DkimSigner
 from empath.delivery.dns import DNS
 from empath.delivery.dsn import (
     DsnKind,
@@ -46,6 +47,7 @@ from empath.delivery.hops import MAX_HOPS, received_count
 from empath.delivery.maildir import deliver_maildir
 from empath.delivery.route import OwnIdentity, Route, own_identity, resolve_route
 from empath.delivery.types import RcptResult, RcptStatus, Target
+from empath.modules.runner import EventDispatcher
 from empath.queue.limits import Breakers, DestinationLimiter
 from empath.spool import Envelope, Recipient, Spool
 from empath.spool.envelope import Attempt
@@ -138,8 +140,15 @@ class QueueManager:
         self.pool = ConnectionPool(max_per_target=config.delivery.max_deliveries,
                                    max_total=max(64, 2 * config.delivery.max_deliveries),
                                    idle_timeout=10.0)
+        # DKIM keys in force: set by the supervisor at start and reload (load_keys).
+        self.dkim = DkimSigner()
         # Runtime next-hop overrides (``empathctl route set``): domain → next hop.
         self.overrides: dict[str, str] = {}
+        # Modules' queue events (on_received, on_delivered, …); new instances at reload.
+        self.events = EventDispatcher(config)
+        # (id, recipient) → whether its route rested on DNSSEC-authenticated answers,
+        # from routing until the attempt's history entry is written (``_apply``).
+        self._dnssec_of: dict[tuple[str, str], bool | None] = {}
         self.stats = QueueStats()
         self.breakers = Breakers(
             config.delivery.breaker_failures, float(config.delivery.breaker_cooldown)
@@ -173,6 +182,7 @@ class QueueManager:
             self._sem = asyncio.Semaphore(config.delivery.max_deliveries)
         self.breakers.threshold = config.delivery.breaker_failures
         self.breakers.cooldown = float(config.delivery.breaker_cooldown)
+        self.events.apply_config(config)
         self._wake.set()
 
     # ---- scheduling ----------------------------------------------------------------
@@ -202,6 +212,11 @@ class QueueManager:
         self._index.setdefault(id, Indexed("pending", received_at or now, size,
                                            tuple((d, "pending") for d in domains)))
         self.schedule(id, now)
+        if self.events.wants("received"):  # modules get the context as persisted
+            try:
+                self.events.fire("received", self.spool.load(id))
+            except (OSError, ValueError) as exc:
+                log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
 
     # ---- the index: states without reading the spool -----------------------------
 
@@ -345,6 +360,7 @@ class QueueManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        await self.events.drain(min(timeout, 5.0))
         await self.pool.close()
 
     async def _attempt_guarded(self, id: str, sem: asyncio.Semaphore) -> None:
@@ -387,6 +403,7 @@ class QueueManager:
         # recipient → the next-hop kind it was tried at (the metrics' nexthop label)
         hop_of: dict[str, str] = {}
         if due:
+            self.events.fire("delivery_attempt", env, due=due)
             data_path = self.spool.queue_dir / f"{id}.msg"
             hops = await asyncio.to_thread(received_count, data_path)
             if hops > MAX_HOPS:
@@ -439,6 +456,7 @@ class QueueManager:
                     f"last error: {res.diagnostic}",
                     None, res.remote_mta, res.tls,
                 )
+                self.events.fire("expired", env, recipient=r, result=res)  # then bounced
             if res.status == "bounced":
                 bounced.append((r, res))  # recorded after the DSN is queued
                 continue
@@ -470,7 +488,8 @@ class QueueManager:
         # The attempt's history entry (bounded, oldest dropped): what `queue show` tells
         # an admin about a stuck message. Written with the state change just below.
         r.record(Attempt.make(now, res.status, res.enhanced, res.diagnostic,
-                              res.remote_mta, res.tls))
+                              res.remote_mta, res.tls,
+                              self._dnssec_of.pop((env.id, r.address), None)))
         self.stats.attempts[res.status] += 1
         metrics.inc("empath_delivery_attempts_total", (res.status, hop))
         if res.status in FINAL:
@@ -493,6 +512,7 @@ class QueueManager:
             self.stats.deferred += 1
             log.info("deferred id=%s to=<%s> relay=%s status=%s %s (retry in %ds)", env.id,
                      r.address, relay, res.enhanced, res.text, delay, extra=extra)
+        self.events.fire(res.status, env, recipient=r, result=res)
 
     async def _deliver_domain(
         self, env: Envelope, domain: str, rcpts: list[Recipient]
@@ -501,6 +521,7 @@ class QueueManager:
         cfg = self.config
         route = await resolve_route(domain, cfg, self.dns, overrides=self.overrides, own=self.own)
         hop = "mx" if route.nexthop.startswith("mx:") else route.kind
+        self._dnssec_of.update(((env.id, r.address), route.dnssec) for r in rcpts)
         if route.failure is not None:
             f = route.failure
             status: RcptStatus = "bounced" if f.permanent else "deferred"
@@ -541,9 +562,12 @@ class QueueManager:
             tls=policy.tls if policy is not None else "may",
             lmtp=route.kind == "lmtp",
         )
+        # Signed per message, not per transaction (cached); LMTP is final delivery.
+        prefix = b"" if settings.lmtp else await self.dkim.header(env, data_path, cfg)
         await limiter.acquire()
         try:
-            results = await deliver(env, rcpts, data_path, targets, settings, pool=self.pool)
+            results = await deliver(env, rcpts, data_path, targets, settings, pool=self.pool,
+                                    prefix=prefix)
         finally:
             limiter.release()
         self._record_breaker(targets, results)

@@ -45,8 +45,12 @@ async def read_data(
     reader: asyncio.StreamReader,
     sink: Callable[[bytes], None],
     max_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> DataResult:
     """Read up to the end-of-data line, unstuffing into ``sink``.
+
+    ``progress`` is told how many octets each read took off the wire (for the
+    session's DATA deadline, which moves on with progress, not with every byte).
 
     After the first problem the rest is still read (and discarded) up to the
     terminator, so the session stays in sync with the client and can answer once.
@@ -69,11 +73,15 @@ async def read_data(
             # the tail of the same line, which must never be taken for "." (that
             # would end DATA early and let the rest be read as commands).
             tail = (tail + await reader.readexactly(exc.consumed))[-2:]
+            if progress is not None:
+                progress(exc.consumed)
             if outcome is DataOutcome.OK:
                 outcome = DataOutcome.LINE_TOO_LONG
             size += exc.consumed
             in_long_line = True
             continue
+        if progress is not None:
+            progress(len(line))
         after_crlf = tail == b"\r\n"
         tail = (tail + line)[-2:]
         if in_long_line:

@@ -15,6 +15,9 @@ from typing import Any
 
 from empath import metrics
 from empath.config.model import Config
+from empath.modules.runner import ModuleSet
+from empath.secretfile import read_secret
+from empath.smtp.auth import Users, load_users
 from empath.smtp.session import SMTPSession
 from empath.spool import Envelope, Spool
 from empath.systemd import events
@@ -26,6 +29,8 @@ log = logging.getLogger("empath.smtp")
 
 # Asked before a client gets its greeting: None admits, a reply string refuses.
 AdmitFn = Callable[[str], Awaitable[str | None]]
+# Told of a failed AUTH from an address; answers that address's failures in the window.
+AuthFailedFn = Callable[[str], Awaitable[int]]
 
 
 def refusal_reason(reply: str) -> str:
@@ -33,6 +38,8 @@ def refusal_reason(reply: str) -> str:
     accounting (empath/daemon/anvil.py words them; a test keeps the two in step)."""
     if "slow down" in reply:
         return "rate"
+    if "authentication failures" in reply:
+        return "auth_failures"
     if "too many connections from" in reply:
         return "per_client"
     return "max_connections"
@@ -44,6 +51,8 @@ def make_tls_context(cfg: Config) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The secret-file rule first: a key others can read is refused, not served.
+    read_secret(cfg.tls.key, "tls.key")
     ctx.load_cert_chain(str(cfg.tls.certificate), str(cfg.tls.key))
     return ctx
 
@@ -57,10 +66,14 @@ class Front:
         admit: AdmitFn | None = None,
         release: Callable[[str], None] | None = None,
         on_queued: Callable[[Envelope], None] | None = None,
+        auth_failed: AuthFailedFn | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.tls_context = make_tls_context(config)
+        self.users = _users_or_none(config)
+        self.modules = ModuleSet.create(config, "worker")  # hooks; new ones at reload
+        self._auth_failed = auth_failed
         self._admit = admit
         self._release = release
         self._on_queued = on_queued
@@ -77,7 +90,11 @@ class Front:
         then nothing changes.
         """
         tls = make_tls_context(config)
-        self.config, self.tls_context = config, tls
+        users = load_users(config)  # the users file too: re-read at every reload
+        modules = ModuleSet.create(config, "worker")  # re-created at every reload
+        self.config, self.tls_context, self.users = config, tls, users
+        old, self.modules = self.modules, modules
+        old.retire()  # closed once the sessions that started with it are gone
 
     async def serve(self, sock: socket.socket, role: str) -> None:
         loop = asyncio.get_running_loop()
@@ -110,8 +127,16 @@ class Front:
                  extra={"EMPATH_EVENT": events.CONNECT, "CLIENT_ADDR": session.client_ip})
         return None
 
+    async def auth_failed(self, ip: str) -> int:
+        """Count a failed AUTH from ``ip`` (in the supervisor, across workers): the
+        address's failures within ``limits.auth_failure_window``, this one included."""
+        if self._auth_failed is None:
+            return 1
+        return await self._auth_failed(ip)
+
     def session_closed(self, session: SMTPSession) -> None:
         self.sessions.discard(session)
+        session.hooks.release()
         if self._release is not None:
             self._release(session.client_ip)
 
@@ -165,3 +190,25 @@ class Front:
             session.close_with(bye)
         # Give transports a moment to flush the 421s.
         await asyncio.sleep(0.05)
+        await self.modules.close()
+
+
+def _users_or_none(config: Config) -> Users | None:
+    """At a worker's start the supervisor has checked the file already; if it went bad
+    since, AUTH answers 454 (temporary) until a reload fixes it, rather than the
+    worker failing and being restarted in a loop."""
+    try:
+        return load_users(config)
+    except (OSError, ValueError) as exc:
+        log.error("submission.users_file: %s; AUTH is unavailable until a reload", exc)
+        return None
+
+
+def users_file_error(config: Config) -> str | None:
+    """Why ``submission.users_file`` cannot be used (None: it can, or it is unset);
+    checked at start (exit 2) and at reload (refused), as the TLS files are."""
+    try:
+        load_users(config)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None

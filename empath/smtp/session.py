@@ -19,8 +19,10 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from empath import metrics
 from empath.addr import Mailbox
+from empath.smtp import auth
 from empath.smtp.data import DataOutcome, read_data
 from empath.smtp.dsnparams import parse_envid, parse_notify, parse_orcpt, parse_ret
+from empath.smtp.headers import HeaderFilter, submission_fields
 from empath.smtp.parse import PathArgs, ReplyError, parse_path_args
 from empath.smtp.policy import decide_rcpt, in_networks
 from empath.smtp.replies import ensure_enhanced
@@ -37,6 +39,11 @@ log = logging.getLogger("empath.smtp")
 
 # Commands are short; 1000 octets leaves room for ESMTP parameters (RFC 5321 §4.5.3.1.4).
 MAX_COMMAND = 1000
+# Inside DATA the deadline (limits.data_timeout) moves on each time this many more
+# octets have arrived: a big message on a slow link gets through, a client trickling
+# a byte now and then does not keep its slot.
+DATA_PROGRESS = 64 * 1024
+_HEADER_TOO_BIG = "552 5.3.4 Message header size exceeds fixed maximum header size"
 
 _DATA_REJECT = {
     DataOutcome.TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
@@ -117,6 +124,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self.front = front
         self.role = role
         self.cfg = cfg  # fixed for the session's life: a reload affects new sessions
+        self.hooks = front.modules.session(self)  # empath/modules: so are its modules
         self.helo: str | None = None
         self.esmtp = False
         self.txn: Transaction | None = None
@@ -134,6 +142,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self.local = ""  # the listener's address:port
         self.messages = 0  # queued in this session
         self._tls_handshake = False
+        self._session_timer: asyncio.TimerHandle | None = None  # limits.max_session_time
+        self._receiving = False  # reading DATA (as opposed to committing it)
         self._commands: dict[str, Any] = {
             "EHLO": self.smtp_EHLO,
             "HELO": self.smtp_HELO,
@@ -187,8 +197,22 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded during DATA"
         else:
             reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded"
+        if not self.closing and self.transport is not None:
+            metrics.inc("empath_smtp_timeouts_total",
+                        (self.role, "data" if self.busy else "command"))
         log.info("timeout client=%s", self.client_ip, extra=self._fields())
         self.close_with(reply)
+
+    def _session_expired(self) -> None:
+        if self.busy and not self._receiving:
+            # Committing a message: its reply comes first, or the client would send
+            # it again although it is queued.
+            self._session_timer = self.loop.call_later(1.0, self._session_expired)
+            return
+        if not self.closing and self.transport is not None:
+            metrics.inc("empath_smtp_timeouts_total", (self.role, "session"))
+        log.info("session time limit client=%s", self.client_ip, extra=self._fields())
+        self.close_with(f"421 4.7.0 {self.cfg.hostname} Error: session time limit exceeded")
 
     # ---- what it is doing (empathctl connections) -------------------------------
 
@@ -243,6 +267,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         return False  # asyncio closes the transport; connection_lost follows
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         if self.admitted:
             self.admitted = False
             self.front.session_closed(self)
@@ -260,6 +286,12 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             self.close_with(refusal)
             return
         self.admitted = True
+        self._session_timer = self.loop.call_later(self.cfg.limits.max_session_time,
+                                                   self._session_expired)
+        refusal = await self.hooks.connect()
+        if refusal is not None:
+            self.close_with(refusal)
+            return
         self._write(f"220 {self.cfg.hostname} ESMTP empath")
         reader = self._reader
         max_errors = self.cfg.limits.max_errors
@@ -322,6 +354,10 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             # A bug must cost one command, not the session (and never silence).
             log.exception("internal error handling %s from %s", verb, self.client_ip)
             await self.push("451 4.3.0 Error: internal error, try again later")
+        if not self.closing and self.transport is not None:
+            # limits.command_timeout is per command line, counted from this reply; the
+            # bytes of the next line do not reset it (aiosmtpd's timer is ours alone).
+            self._reset_timeout()
 
     # ---- commands ----------------------------------------------------------------
 
@@ -332,6 +368,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if not arg:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
+        if (refusal := await self.hooks.helo(arg, esmtp=False)) is not None:
+            await self.push(refusal)
+            return
         self._reset_txn()
         self.helo, self.esmtp = arg, False
         await self.push(f"250 {self.cfg.hostname}")
@@ -339,6 +378,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
     async def smtp_EHLO(self, arg: str | None) -> None:
         if not arg:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        if (refusal := await self.hooks.helo(arg, esmtp=True)) is not None:
+            await self.push(refusal)
             return
         self._reset_txn()
         self.helo, self.esmtp = arg, True
@@ -353,6 +395,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
+        if auth.offered(self):
+            lines.append("AUTH " + " ".join(auth.MECHANISMS))
         for text in lines[:-1]:
             self._write(f"250-{text}")
         self._write(f"250 {lines[-1]}")
@@ -384,6 +428,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             reason = "size" if txn_or_reply.startswith("552") else "syntax"
             await self.refuse(reason, txn_or_reply)
             return
+        not_owned = auth.sender_refusal(self, txn_or_reply.sender)
+        if not_owned is not None:
+            log.info("sender not owned client=%s user=%s from=<%s>", self.client_ip,
+                     self.authenticated, txn_or_reply.sender,
+                     extra=self._fields(events.REJECTED))
+            await self.refuse("policy", not_owned)
+            return
         if self.front.shutting_down:
             self.close_with(f"421 4.3.2 {self.cfg.hostname} Service shutting down")
             return
@@ -394,6 +445,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if free < self.cfg.limits.min_free_space:
             log.warning("spool below min_free_space: %d bytes free", free)
             await self.refuse("storage", "452 4.3.1 Insufficient system storage")
+            return
+        if (refusal := await self.hooks.mail(txn_or_reply)) is not None:
+            await self.refuse("policy", refusal)
             return
         self.txn = txn_or_reply
         await self.push("250 2.1.0 Ok")
@@ -487,6 +541,10 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             await self.refuse("relay", decision.reply)
             return
         address = _recipient_key(path.mailbox) if path.mailbox is not None else cfg.postmaster
+        if address not in txn.seen and (
+                refusal := await self.hooks.rcpt(txn, address, path.mailbox)) is not None:
+            await self.refuse("policy", refusal)
+            return
         if address not in txn.seen:
             txn.seen.add(address)
             txn.recipients.append(address)
@@ -542,7 +600,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             timestamp=now,
         )
         try:
-            writer.write(header)
+            writer.write(self.hooks.prefix(txn, header))  # + headers modules added so far
         except OSError as exc:
             writer.abort()
             log.error("queue file write failed: %s", exc)
@@ -550,12 +608,42 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                               "451 4.3.0 Error: local error writing the queue file, try again")
             return
         self._write("354 End data with <CR><LF>.<CR><LF>")
-        self._reset_timeout(cfg.limits.data_timeout)
+        data_timeout = cfg.limits.data_timeout
+        self._reset_timeout(data_timeout)
+        missing = (submission_fields(writer.id, cfg.hostname, now)
+                   if self.role == "submission" else None)
+        headers = HeaderFilter(writer.write, cfg.limits.max_header_size, missing)
+        arrived = 0
+
+        def progress(n: int) -> None:
+            nonlocal arrived
+            arrived += n
+            if arrived >= DATA_PROGRESS:
+                arrived = 0
+                self._reset_timeout(data_timeout)
+
+        self._receiving = True
         try:
-            result = await read_data(self._reader, writer.write, cfg.limits.max_message_size)
+            result = await read_data(self._reader, headers.feed,
+                                     cfg.limits.max_message_size, progress)
+            if result.outcome is DataOutcome.OK and not headers.too_big:
+                try:
+                    headers.finish()
+                except OSError as exc:
+                    result.outcome, result.error = DataOutcome.WRITE_ERROR, exc
         except BaseException:
             writer.abort()
             raise
+        finally:
+            self._receiving = False
+        self._reset_timeout()  # committing, then the next command: command_timeout
+        if result.outcome is DataOutcome.OK and headers.too_big:
+            writer.abort()
+            log.info("message rejected client=%s reason=header larger than %d octets",
+                     self.client_ip, cfg.limits.max_header_size,
+                     extra=self._fields(events.REJECTED))
+            await self.refuse("size", _HEADER_TOO_BIG)
+            return
         if result.outcome is not DataOutcome.OK:
             writer.abort()
             if result.error is not None:
@@ -567,6 +655,11 @@ class SMTPSession(SMTP):  # type: ignore[misc]
                 )
             await self.refuse(_DATA_REASON[result.outcome], _DATA_REJECT[result.outcome])
             return
+        verdict = await self.hooks.data(txn, writer, self.front.spool)  # on_data, may copy
+        if verdict.reply is not None:
+            await self.refuse(verdict.reason, verdict.reply)
+            return
+        writer = verdict.writer
         envelope = Envelope(
             id=writer.id,
             sender=txn.sender,
@@ -584,6 +677,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             smtputf8=txn.smtputf8,
             ret=txn.ret,
             envid=txn.envid,
+            held=verdict.held,
+            metadata=verdict.metadata,  # {"modules": {name: …}} as modules set it
         )
         try:
             await self.front.spool.commit(writer, envelope)
@@ -640,7 +735,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         )
 
     async def smtp_AUTH(self, arg: str | None) -> None:
-        await self.push("502 5.5.1 Error: authentication not enabled")
+        await auth.smtp_auth(self, arg)
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         await self.push("502 5.5.1 Error: CHUNKING not supported")
@@ -673,4 +768,5 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         metrics.inc("empath_smtp_tls_sessions_total", (self.role, version or "unknown"))
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self.helo, self.esmtp = None, False
+        self.authenticated = None
         self._reset_txn()

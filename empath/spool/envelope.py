@@ -14,6 +14,12 @@ records (written before the upgrade) still load, with an empty history, and are
 written back as version 2 on their next update; every record written is version 2.
 The record is rewritten after every attempt, so each entry is bounded: its text
 fields are cut to ``HISTORY_TEXT_MAX`` / ``HISTORY_FIELD_MAX`` characters.
+
+An attempt's ``dnssec`` (whether the MX routing rested on DNSSEC-authenticated
+answers, docs/dnssec.md) is an optional member of a version-2 entry: written only
+when it is true or false, so entries recorded before it existed, and every entry of
+a queue that never routes by MX, are exactly as before (and stay readable by the
+previous release); absent, it loads as None.
 """
 
 from __future__ import annotations
@@ -82,11 +88,13 @@ class Attempt:
     diagnostic: str  # "smtp; 451 4.7.1 text" or "X-Empath; text" (RFC 3464 style)
     relay: str | None = None  # the remote MTA that answered, if any
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", None for plain text
+    # MX answers (and addresses) DNSSEC-authenticated; None: not MX routing, or unknown
+    dnssec: bool | None = None
 
     @classmethod
     def make(
         cls, at: float, status: str, enhanced: str, diagnostic: str,
-        relay: str | None = None, tls: str | None = None,
+        relay: str | None = None, tls: str | None = None, dnssec: bool | None = None,
     ) -> Attempt:
         """An entry that is sure to serialise: cut to size, rounded to the millisecond,
         and with a malformed status code replaced by the one its class implies."""
@@ -101,10 +109,11 @@ class Attempt:
             diagnostic=_cut(diagnostic, HISTORY_TEXT_MAX),
             relay=_cut(relay, HISTORY_FIELD_MAX) if relay is not None else None,
             tls=_cut(tls, HISTORY_FIELD_MAX) if tls is not None else None,
+            dnssec=None if dnssec is None else bool(dnssec),
         )
 
     def _to_obj(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "at": self.at,
             "status": self.status,
             "enhanced": self.enhanced,
@@ -112,6 +121,9 @@ class Attempt:
             "relay": self.relay,
             "tls": self.tls,
         }
+        if self.dnssec is not None:
+            obj["dnssec"] = self.dnssec
+        return obj
 
     @classmethod
     def _from_obj(cls, obj: object, where: str, memo: dict[str, str]) -> Attempt:
@@ -121,9 +133,11 @@ class Attempt:
         # wrong. ``memo`` shares equal strings between the entries of one record
         # (the same error, relay and TLS every time), so a loaded envelope holds one
         # copy of each.
-        if type(obj) is dict and obj.keys() == _ATTEMPT_KEYS:
+        if type(obj) is dict and (obj.keys() == _ATTEMPT_KEYS
+                                  or obj.keys() == _ATTEMPT_KEYS_DNSSEC):
             at, status, enhanced = obj["at"], obj["status"], obj["enhanced"]
             diagnostic, relay, tls = obj["diagnostic"], obj["relay"], obj["tls"]
+            dnssec = obj.get("dnssec")
             if (
                 type(at) is float and math.isfinite(at)
                 and type(status) is str and status in ATTEMPT_STATUSES
@@ -131,6 +145,7 @@ class Attempt:
                 and type(diagnostic) is str and len(diagnostic) <= HISTORY_TEXT_MAX
                 and (relay is None or (type(relay) is str and len(relay) <= HISTORY_FIELD_MAX))
                 and (tls is None or (type(tls) is str and len(tls) <= HISTORY_FIELD_MAX))
+                and (dnssec is None or type(dnssec) is bool)
             ):
                 m = memo.setdefault
                 return cls(
@@ -138,8 +153,10 @@ class Attempt:
                     diagnostic=m(diagnostic, diagnostic),
                     relay=None if relay is None else m(relay, relay),
                     tls=None if tls is None else m(tls, tls),
+                    dnssec=dnssec,
                 )
-        a = _Fields(obj, where, _ATTEMPT_KEYS)
+        optional = isinstance(obj, dict) and "dnssec" in obj
+        a = _Fields(obj, where, _ATTEMPT_KEYS_DNSSEC if optional else _ATTEMPT_KEYS)
         at_ = a.opt_time("at")
         if at_ is None:
             raise CorruptEnvelope(f"{where}.at: null")
@@ -150,12 +167,14 @@ class Attempt:
         diagnostic_ = a.bounded_string("diagnostic", HISTORY_TEXT_MAX)
         relay_ = a.opt_bounded_string("relay", HISTORY_FIELD_MAX)
         tls_ = a.opt_bounded_string("tls", HISTORY_FIELD_MAX)
+        dnssec_ = a.opt_boolean("dnssec") if optional else None
         m = memo.setdefault
         return cls(
             at=at_, status=m(status_, status_), enhanced=m(enhanced_, enhanced_),
             diagnostic=m(diagnostic_, diagnostic_),
             relay=None if relay_ is None else m(relay_, relay_),
             tls=None if tls_ is None else m(tls_, tls_),
+            dnssec=dnssec_,
         )
 
 
@@ -342,6 +361,7 @@ _RECIPIENT_KEYS_V1 = frozenset(
 )
 _RECIPIENT_KEYS = _RECIPIENT_KEYS_V1 | {"history"}
 _ATTEMPT_KEYS = frozenset({"at", "status", "enhanced", "diagnostic", "relay", "tls"})
+_ATTEMPT_KEYS_DNSSEC = _ATTEMPT_KEYS | {"dnssec"}
 _ENVELOPE_KEYS = frozenset(
     {
         "version",
@@ -424,6 +444,12 @@ class _Fields:
         v = self._obj[key]
         if type(v) is not bool:
             raise self._bad(key, "a boolean")
+        return v
+
+    def opt_boolean(self, key: str) -> bool | None:
+        v = self._obj[key]
+        if v is not None and type(v) is not bool:
+            raise self._bad(key, "a boolean or null")
         return v
 
     def count(self, key: str) -> int:

@@ -56,10 +56,11 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus")
 PREFETCH = (
     "python3", "python3-aiosmtpd", "python3-aiosmtplib", "python3-aiohttp",
     "python3-bcrypt", "python3-dnspython", "python3-yaml", "python3-prometheus-client",
-    "python3-systemd", "python3-sdnotify", "exim4-daemon-light",
+    "python3-systemd", "python3-sdnotify", "python3-dkim", "python3-cryptography",
+    "exim4-daemon-light",
 )  # fmt: skip
 # Bump when the build steps below change, so a stale cache is not reused.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 
 CACHE_ROOT = Path(os.environ.get("EMPATH_TEST_CACHE", "/var/cache/empath-test"))
 WORK_ROOT = Path(os.environ.get("EMPATH_TEST_WORK", "/var/tmp/empath-test"))

@@ -41,7 +41,7 @@ PACKAGED_CONFIG = (REPO / "packaging/empath.yaml").read_text()
 # What apt must bring in from Debian's archive (none of it is in the rootfs).
 DEPENDENCIES = ("python3-aiosmtpd", "python3-aiosmtplib", "python3-aiohttp", "python3-bcrypt",
                 "python3-dnspython", "python3-yaml", "python3-prometheus-client",
-                "python3-systemd", "python3-sdnotify")
+                "python3-systemd", "python3-sdnotify", "python3-dkim", "python3-cryptography")
 # Debian 12's aiosmtpd with the fixes for CVE-2024-27305 and CVE-2024-34083.
 AIOSMTPD_FIXED = "1.4.3-1.1+deb12u1"
 

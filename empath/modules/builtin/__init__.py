@@ -1,0 +1,1 @@
+"""Modules that ship with empath: ``recipient_map`` and ``header_checks``."""
