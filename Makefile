@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean packages
+.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean packages molecule
 
 $(BIN)/empath: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ pytest: venv
 	scripts/system-rootfs
 	$(BIN)/pytest
 
-test: deps venv lint typecheck pytest
+test: deps venv lint typecheck pytest molecule
+
+# The Ansible role: ansible-lint (production profile) and every Molecule scenario
+# (default, reload, fleet) against booted Debian 12 containers, each in its own
+# network namespace; builds its own .debs from this checkout.
+molecule:
+	scripts/molecule-test
 
 # Only the system tests.
 system-test: venv

@@ -38,8 +38,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    print(f"# {path}: configuration is valid; effective configuration follows")
-    print(dump_config(cfg), end="")
+    try:
+        print(f"# {path}: configuration is valid; effective configuration follows")
+        print(dump_config(cfg), end="")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `empath check-config | head`: the reader has what it wanted; the verdict is
+        # the exit status. Point stdout at /dev/null so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
