@@ -110,6 +110,7 @@ class ControlServer:
         self._conns: set[asyncio.Task[Any]] = set()
         self._rejecting = 0  # connections being told "busy"
         self._tasks: set[asyncio.Task[Any]] = set()  # every connection, for close()
+        self._closing = False
         self._daemon_uid = os.geteuid()
 
     # ---- life cycle ------------------------------------------------------------
@@ -136,16 +137,24 @@ class ControlServer:
     async def close(self) -> None:
         """Stop serving: no new connections, running requests cancelled, socket removed."""
         server, self._server = self._server, None
+        self._closing = True
         if server is not None:
             server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled until they are done: before Python 3.12, asyncio.wait_for can
+        # swallow a cancellation that arrives as its inner await completes, and a
+        # stream (queue stats --watch) would then go on forever. Streams also stop
+        # by themselves once they see _closing.
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         if server is not None:
+            # Python 3.11.7+ waits here for every connection's transport to go, and a
+            # client that stopped reading keeps its transport flushing: bounded, so a
+            # stuck empathctl cannot hold up the daemon's shutdown.
             with contextlib.suppress(Exception):
-                await server.wait_closed()
+                await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT)
         await cancel_reloads(self.handlers)
         self._unlink()
 
@@ -419,6 +428,8 @@ class ControlServer:
         timeout = max(self.request_timeout, STREAM_TIMEOUT)
         try:
             async for item in stream.items:
+                if self._closing:
+                    return
                 await self._send(writer, encode_result(item, more=True), timeout)
         except ProtocolError as exc:
             await self._send(writer, encode_error(exc.code, exc.message, exc.detail))
@@ -435,6 +446,10 @@ class ControlServer:
                 with contextlib.suppress(Exception):
                     await aclose()
         await self._send(writer, encode_result(None))
+
+
+# Seconds close() waits for the connections' transports to finish closing.
+CLOSE_TIMEOUT = 2.0
 
 
 def _timeout_from_env() -> float:
