@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean packages molecule
+.PHONY: run test venv deps lint typecheck pytest system-test bench bench-relay clean packages molecule bench-suite
 
 $(BIN)/empath: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ packages:
 bench: venv
 	$(BIN)/python bench/accept.py --empath-cmd "$(abspath $(BIN))/empath"
 	$(BIN)/python bench/relay.py --empath-cmd "$(abspath $(BIN))/empath"
+
+# Everything against Postfix in one run (accept w=1,2,4, relay, latency, recovery of
+# 100,000 messages, memory bounds): a table, and JSON under bench/results/.
+bench-suite: venv
+	$(BIN)/python bench/suite.py --empath-cmd "$(abspath $(BIN))/empath"
 
 bench-relay: venv
 	$(BIN)/python bench/relay.py --empath-cmd "$(abspath $(BIN))/empath"
