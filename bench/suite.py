@@ -20,7 +20,7 @@ their min-max spread; ``vs postfix`` is median / Postfix's median from the same 
 
 Usage::
 
-    sudo .venv/bin/python bench/suite.py                  # everything, ~30 min on 2 cores
+    sudo .venv/bin/python bench/suite.py                  # everything, 20-40 min on 2 cores
     sudo .venv/bin/python bench/suite.py --quick          # smoke run, ~3 min
     sudo .venv/bin/python bench/suite.py --compare bench/results/suite-OLD.json
 
@@ -530,29 +530,35 @@ def render_rows(rows: Sequence[Row], uvloop: bool, postfix: bool) -> str:
 
 def render_compare(rows: Sequence[Row], previous: dict[str, Any],
                    now_params: dict[str, Any]) -> str:
+    """One line per measure in both runs: each column's median then -> now (change)."""
     old = {r["key"]: r for r in previous.get("rows", [])}
+    cols = [c for c in ("empath", "uvloop", "postfix")
+            if any(getattr(r, c) is not None for r in rows)]
     body: list[list[str]] = []
     for r in rows:
         o = old.get(r.key)
         if o is None:
             continue
-        for col in ("empath", "uvloop", "postfix"):
+        cells = [r.label]
+        for col in cols:
             now, then = getattr(r, col), Spread.from_dict(o.get(col))
             if now is None or then is None:
+                cells.append("-")
                 continue
             delta = (now.median - then.median) / then.median * 100 if then.median else 0.0
-            body.append([r.label, col, format(then.median, r.spec), format(now.median, r.spec),
-                         f"{delta:+.1f}%"])
+            cells.append(f"{then.median:{r.spec}} -> {now.median:{r.spec}} ({delta:+.0f}%)")
+        ratio = ""
         if r.ratio:
             then_r = _ratio(Spread.from_dict(o.get("empath")), Spread.from_dict(o.get("postfix")))
             now_r = _ratio(r.empath, r.postfix)
             if then_r is not None and now_r is not None:
-                body.append([r.label, "vs postfix", f"{then_r:.2f}x", f"{now_r:.2f}x",
-                             f"{(now_r - then_r):+.2f}"])
+                ratio = f"{then_r:.2f}x -> {now_r:.2f}x"
+        body.append([*cells, ratio])
     if not body:
         return "compare: no measure in common with the previous run"
-    out = common.table(["measure", "column", "previous", "now", "change"], body,
-                       right={2, 3, 4})
+    names = {"empath": "empath", "uvloop": "empath uvloop", "postfix": "postfix"}
+    out = common.table(["measure", *(names[c] for c in cols), "vs postfix"], body,
+                       right=set(range(1, len(cols) + 2)))
     loads = ("messages", "size", "sessions", "workers", "relay_messages", "recovery_messages",
              "big", "big_size", "idle_sessions", "queued", "rounds")
     then_p = previous.get("params", {})
