@@ -28,6 +28,7 @@ from empath.addr import AddressError, normalize_domain
 from empath.config.nexthop import parse_next_hop
 from empath.control.protocol import MAX_LIST, ProtocolError
 from empath.queue import QueueManager
+from empath.queue.manager import message_state as recorded_state
 from empath.spool import CorruptEnvelope, Envelope, Spool, is_message_id
 
 __all__ = [
@@ -133,15 +134,8 @@ def _quarantined(spool: Spool) -> int:
 
 
 def message_state(env: Envelope, active: bool) -> str:
-    if active:
-        return "active"
-    if env.held:
-        return "held"
-    if any(r.state == "pending" for r in env.recipients):
-        return "pending"
-    if any(r.state == "deferred" for r in env.recipients):
-        return "deferred"
-    return "pending"  # every recipient final: about to be removed
+    """The queue's rule (empath.queue.manager.message_state), plus ``active``."""
+    return "active" if active else recorded_state(env)
 
 
 def _next_due(env: Envelope) -> float | None:

@@ -4,48 +4,8 @@ The public API is ``empath.modules.api`` (re-exported here); docs/modules.md is 
 reference. ``loader`` finds and builds modules, ``runner`` calls them.
 """
 
-from empath.modules.api import (
-    ACCEPT,
-    EVENTS,
-    HOOKS,
-    Accept,
-    ConnectContext,
-    DataContext,
-    DeliveryResult,
-    Event,
-    Headers,
-    HeloContext,
-    MailContext,
-    Module,
-    ModuleEnv,
-    ModuleOptionError,
-    RcptContext,
-    RecipientInfo,
-    Reject,
-    SessionInfo,
-    Tempfail,
-    Verdict,
-)
+# One list of public names, kept in api.py: re-exported as it stands.
+from empath.modules import api
+from empath.modules.api import *  # noqa: F403
 
-__all__ = [
-    "ACCEPT",
-    "EVENTS",
-    "HOOKS",
-    "Accept",
-    "ConnectContext",
-    "DataContext",
-    "DeliveryResult",
-    "Event",
-    "Headers",
-    "HeloContext",
-    "MailContext",
-    "Module",
-    "ModuleEnv",
-    "ModuleOptionError",
-    "RcptContext",
-    "RecipientInfo",
-    "Reject",
-    "SessionInfo",
-    "Tempfail",
-    "Verdict",
-]
+__all__ = list(api.__all__)

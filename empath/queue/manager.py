@@ -79,16 +79,19 @@ class Indexed:
     rcpts: tuple[tuple[str, str], ...]  # (domain, state) per recipient
 
 
-def _indexed(env: Envelope) -> Indexed:
+def message_state(env: Envelope) -> str:
+    """pending | deferred | held, as recorded (``active`` is the scheduler's own)."""
     if env.held:
-        state = "held"
-    elif any(r.state == "pending" for r in env.recipients):
-        state = "pending"
-    elif any(r.state == "deferred" for r in env.recipients):
-        state = "deferred"
-    else:
-        state = "pending"  # every recipient final: about to be removed
-    return Indexed(state, env.received_at, env.size,
+        return "held"
+    if any(r.state == "pending" for r in env.recipients):
+        return "pending"
+    if any(r.state == "deferred" for r in env.recipients):
+        return "deferred"
+    return "pending"  # every recipient final: about to be removed
+
+
+def _indexed(env: Envelope) -> Indexed:
+    return Indexed(message_state(env), env.received_at, env.size,
                    tuple((_domain(r.address), r.state) for r in env.recipients))
 
 
