@@ -15,9 +15,11 @@ an envelope pointing at missing data.
 
 Performance: the file work runs on a thread pool owned by the spool, so fsyncs never
 block the event loop and concurrent fsyncs overlap (the filesystem journal merges
-them). The fsync of ``queue/`` is shared by group commit: every commit whose renames
-are done waits for one directory sync that *started after* its renames; syncs run one
-at a time, and the next one covers everybody who renamed while the current one ran.
+them). Each commit is one job on the pool, directory sync included, so the event loop
+hands it over once and hears back once. The fsync of ``queue/`` is shared by group
+commit among the pool's threads: every commit whose renames are done waits for one
+directory sync that *started after* its renames; syncs run one at a time, and the next
+one covers everybody who renamed while the current one ran.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,6 +99,10 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+class _DirSyncFailed(Exception):
+    """The commit's files were written but the fsync of queue/ failed (cause)."""
 
 
 def _spool_error(exc: BaseException, what: str) -> SpoolError:
@@ -176,13 +183,13 @@ class Spool:
         # File work (write, fsync, rename) of concurrent commits runs here in
         # parallel. Threads are only started on first use.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="empath-spool")
-        # The queue-dir fsync gets its own thread so it never waits in line behind
-        # file work queued on the pool; only one runs at a time anyway.
-        self._dir_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="empath-spool-dir")
-        # Group commit state (event-loop side): the sync in progress, and the one
-        # that will start when it finishes, which late arrivals join.
-        self._sync_running: asyncio.Future[None] | None = None
-        self._sync_next: asyncio.Future[None] | None = None
+        # Group commit of queue/ (pool side): changes made to the directory are
+        # numbered; ``_synced`` is the highest number an fsync that started after it
+        # has covered. One fsync runs at a time (``_sync_lock``).
+        self._seq_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._changes = 0
+        self._synced = 0
         # Ids renamed into queue/ whose commit has not returned: not yet promised to
         # anyone, and possibly undone, so ids() does not list them.
         self._inflight: set[str] = set()
@@ -222,7 +229,6 @@ class Spool:
     def close(self) -> None:
         """Stop the worker threads (waits for running file work)."""
         self._pool.shutdown(wait=True)
-        self._dir_pool.shutdown(wait=True)
 
     # -- writing -------------------------------------------------------------
 
@@ -280,7 +286,11 @@ class Spool:
         self._inflight.add(id)
         try:
             try:
-                await loop.run_in_executor(self._pool, self._write_pair, writer, env_bytes)
+                await loop.run_in_executor(self._pool, self._commit_files, writer, env_bytes)
+            except _DirSyncFailed as exc:
+                writer._state = "aborted"
+                raise _spool_error(exc.__cause__ or exc,
+                                   f"cannot sync queue for message {id}") from exc
             except Exception as exc:
                 # _write_pair undid its own work; this also covers it never having run
                 # (pool shut down).
@@ -288,20 +298,20 @@ class Spool:
                 writer._close()
                 _unlink_quietly(writer.path)
                 raise _spool_error(exc, f"cannot commit message {id}") from exc
-            try:
-                await self._queue_dir_synced()
-            except Exception as exc:
-                # The names may or may not be durable; the client will get a 4xx and
-                # retry, so take the message back out rather than deliver it twice.
-                try:
-                    await loop.run_in_executor(self._pool, self._unlink_committed, id)
-                except RuntimeError:  # pool shut down meanwhile
-                    self._unlink_committed(id)
-                writer._state = "aborted"
-                raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
             writer._state = "committed"
         finally:
             self._inflight.discard(id)
+
+    def _commit_files(self, writer: SpoolWriter, env_bytes: bytes) -> None:
+        """Thread: the whole commit after the event loop's checks."""
+        self._write_pair(writer, env_bytes)
+        try:
+            self._queue_dir_synced(self._changed())
+        except Exception as exc:
+            # The names may or may not be durable; the client will get a 4xx and
+            # retry, so take the message back out rather than deliver it twice.
+            self._unlink_committed(writer.id)
+            raise _DirSyncFailed from exc
 
     def _write_pair(self, writer: SpoolWriter, env_bytes: bytes) -> None:
         """Thread: finish data, write envelope, fsync both, rename both. Undo on error."""
@@ -349,54 +359,27 @@ class Spool:
         with contextlib.suppress(OSError):
             self._sync_dir(self.queue_dir)
 
-    # -- group commit of the queue directory --------------------------------
+    # -- group commit of the queue directory (pool threads) -----------------
 
-    async def _queue_dir_synced(self) -> None:
-        """Return once an fsync of queue/ that started after this call has succeeded."""
-        loop = asyncio.get_running_loop()
-        if self._sync_running is not None and self._sync_running.get_loop() is not loop:
-            # Left over from an event loop that was closed mid-sync (tests, restarts
-            # of asyncio.run); its callbacks will never run, so start afresh.
-            self._sync_running = self._sync_next = None
-        fut = self._sync_next
-        if fut is None:
-            # Nobody is waiting for a sync that has not started yet: start one now if
-            # none is running, else queue one behind the running sync (which may have
-            # started before our renames, so it does not count for us).
-            fut = self._sync_next = loop.create_future()
-            if self._sync_running is None:
-                self._start_dir_sync()
-        # shield: one waiter being cancelled must not cancel the shared future.
-        await asyncio.shield(fut)
+    def _changed(self) -> int:
+        """Number a change just made in queue/ (a rename or unlink)."""
+        with self._seq_lock:
+            self._changes += 1
+            return self._changes
 
-    def _start_dir_sync(self) -> None:
-        fut = self._sync_next
-        assert fut is not None
-        self._sync_next = None
-        self._sync_running = fut
-        loop = asyncio.get_running_loop()
-        try:
-            cf = loop.run_in_executor(self._dir_pool, self._sync_dir, self.queue_dir)
-        except RuntimeError as exc:  # pool shut down: fail the waiters, don't hang them
-            self._sync_running = None
-            fut.set_exception(OSError(errno.ESHUTDOWN, f"spool closed: {exc}"))
-            return
+    def _queue_dir_synced(self, change: int) -> None:
+        """Return once an fsync of queue/ that started after ``change`` has succeeded.
 
-        def done(f: asyncio.Future[None]) -> None:
-            if f.cancelled():
-                fut.cancel()
-            elif (exc := f.exception()) is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(None)
-            # Nobody may be waiting any more (all cancelled): consume the exception.
-            if not fut.cancelled():
-                fut.exception()
-            self._sync_running = None
-            if self._sync_next is not None:
-                self._start_dir_sync()
-
-        cf.add_done_callback(done)
+        Whoever holds the lock syncs for everybody who changed the directory before
+        the sync started; a failed sync fails only its caller, and the others try
+        again themselves."""
+        with self._sync_lock:
+            if self._synced >= change:
+                return
+            with self._seq_lock:
+                upto = self._changes
+            self._sync_dir(self.queue_dir)
+            self._synced = max(self._synced, upto)
 
     @staticmethod
     def _sync_dir(path: Path) -> None:
@@ -448,8 +431,11 @@ class Spool:
         """``update`` for event-loop callers: file work in the pool, shared dir sync."""
         env_path = self._prepare_update(envelope)
         data = envelope.to_bytes()
-        await self._run(self._replace_env, envelope.id, data, env_path)
-        await self._queue_dir_synced()
+        await self._run(self._replace_env_synced, envelope.id, data, env_path)
+
+    def _replace_env_synced(self, id: str, data: bytes, env_path: Path) -> None:
+        self._replace_env(id, data, env_path)
+        self._queue_dir_synced(self._changed())
 
     def _prepare_update(self, envelope: Envelope) -> Path:
         msg_path, env_path = self._paths(envelope.id)
@@ -483,8 +469,11 @@ class Spool:
     async def remove_async(self, id: str) -> None:
         """``remove`` for event-loop callers: file work in the pool, shared dir sync."""
         self._paths(id)
-        await self._run(self._remove_files, id)
-        await self._queue_dir_synced()
+        await self._run(self._remove_files_synced, id)
+
+    def _remove_files_synced(self, id: str) -> None:
+        self._remove_files(id)
+        self._queue_dir_synced(self._changed())
 
     def _remove_files(self, id: str) -> None:
         msg_path, env_path = self._paths(id)
