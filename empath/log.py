@@ -31,10 +31,6 @@ _LEVELS = {
 }
 # Fields first in a stderr line, in this order; any others follow sorted.
 _FIELD_ORDER = ("EMPATH_EVENT", "QUEUE_ID", "CLIENT_ADDR", "RCPT_DOMAIN", "DSN_STATUS")
-# Loggers that may carry message content or credentials at DEBUG: capped whatever
-# log.level says. aiosmtpd's ``mail.log`` logs every DATA line and AUTH exchange at
-# DEBUG (and every peer at INFO, which our own session log already covers).
-_CAPPED = {"mail.log": logging.WARNING}
 
 
 class FieldsFormatter(logging.Formatter):
@@ -84,5 +80,3 @@ def setup_logging(level: str) -> None:
         root.handlers[:] = [handler]
         setup_logging._done = True  # type: ignore[attr-defined]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    for name, cap in _CAPPED.items():
-        logging.getLogger(name).setLevel(cap)

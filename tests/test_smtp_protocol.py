@@ -646,6 +646,48 @@ def test_pipelined_transaction(plain: Daemon) -> None:
     assert strip_received(plain.message_bytes(qid)) == BODY
 
 
+def test_half_closed_client_gets_every_reply_and_its_message_queued(plain: Daemon) -> None:
+    """`printf '...' | nc -N host 25`: a client that sends a whole transaction and
+    then shuts down its sending side still reads all its replies, and the message is
+    queued; then the server closes."""
+    async def go() -> str:
+        c = await connect(plain, "half-close")
+        c.send(b"EHLO client.test\r\nMAIL FROM:<a@test.example>\r\n"
+               b"RCPT TO:<half@test.example>\r\nDATA\r\n" + BODY + b".\r\nQUIT\r\n")
+        await c.writer.drain()
+        c.writer.write_eof()
+        lines = await c.lines()  # the EHLO reply
+        assert lines[-1].startswith("250 "), lines
+        replies = [await c.reply() for _ in range(5)]
+        assert [r[0] for r in replies] == [250, 250, 354, 250, 221], replies
+        assert await c.at_eof()
+        await c.close()
+        return queued_id(replies[3][1])
+
+    qid = run(go())
+    assert rcpt_addresses(envelope(plain, qid)) == ["half@test.example"]
+    assert strip_received(plain.message_bytes(qid)) == BODY
+
+
+def test_overlong_command_line_is_refused_and_the_session_goes_on(plain: Daemon) -> None:
+    """A command line far beyond any limit (64 KiB, sent in pieces) gets one 500
+    5.5.6 once its end arrives, and the next command is read normally."""
+    async def go() -> None:
+        c = await connect(plain, "long-line")
+        for _ in range(16):
+            c.send(b"NOOP " + b"x" * 4096)
+            await c.writer.drain()
+        c.send(b"\r\nNOOP\r\n")
+        code, text = await c.reply()
+        assert (code, text[:5]) == (500, "5.5.6"), text
+        assert await c.reply() == (250, "2.0.0 Ok")
+        assert await nothing_more(c)
+        await c.cmd("QUIT")
+        await c.close()
+
+    run(go())
+
+
 def test_pipelined_group_with_a_refused_recipient(outside: Daemon) -> None:
     async def go() -> str:
         c = await connect(outside, "pipelining-refused")

@@ -9,12 +9,12 @@ import re
 import string
 
 import pytest
-from aiosmtpd.smtp import SMTP
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from empath.addr import AddressError, normalize_domain, parse_mailbox
-from empath.smtp.data import DataOutcome, read_data
+from empath.smtp.connection import Connection
+from empath.smtp.data import MAX_LINE, DataOutcome, DataScanner
 from empath.smtp.parse import PathArgs, ReplyError, parse_path_args
 from empath.smtp.replies import ensure_enhanced
 
@@ -212,31 +212,38 @@ def test_parse_mailbox_round_trip(local: str, domain: str) -> None:
 
 
 # ---------------------------------------------------------------------------------
-# read_data
+# The DATA reader: DataScanner driven by a session's receive buffer (Connection)
 # ---------------------------------------------------------------------------------
 
-LIMIT = SMTP.line_length_limit  # the StreamReader limit the daemon's sessions use
+LIMIT = MAX_LINE  # past this an unfinished line is dropped from the buffer
 TAIL = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@test.example>\r\n"
 
 
+def _connection() -> Connection:
+    """The protocol object sessions are made of, fed by hand instead of a socket."""
+    return Connection(asyncio.get_running_loop(), timeout=60, line_limit=12288)
+
+
 async def _read(chunks: list[bytes], max_size: int = 10**7,
-                limit: int = LIMIT) -> tuple[DataOutcome, bytes, bytes]:
-    """Feed chunks (yielding between them) and return (outcome, sunk data, remainder)."""
-    reader = asyncio.StreamReader(limit=limit)
+                sink: object = None) -> tuple[DataOutcome, bytes, bytes, OSError | None]:
+    """Feed chunks as the socket would (yielding between them) and return (outcome,
+    sunk data, what is left for the command loop, the write error)."""
+    conn = _connection()
     sunk: list[bytes] = []
+    scanner = DataScanner(sink or sunk.append, max_size)  # type: ignore[arg-type]
 
     async def feed() -> None:
         for chunk in chunks:
-            reader.feed_data(chunk)
+            conn.data_received(chunk)
             for _ in range(3):  # let the reader consume what it was given
                 await asyncio.sleep(0)
-        reader.feed_eof()
+        conn.eof_received()
 
     feeder = asyncio.ensure_future(feed())
-    result = await asyncio.wait_for(read_data(reader, sunk.append, max_size), 5)
+    await asyncio.wait_for(conn.read_data(scanner, lambda n: None), 5)
     await feeder
-    rest = await reader.read()
-    return result.outcome, b"".join(sunk), rest
+    result = scanner.result()
+    return result.outcome, b"".join(sunk), bytes(conn._buf), result.error
 
 
 def read(stream: bytes, *, pieces: int = 1, cuts: list[int] | None = None,
@@ -247,7 +254,7 @@ def read(stream: bytes, *, pieces: int = 1, cuts: list[int] | None = None,
         cuts = list(range(step, len(stream), step))
     bounds = [0, *sorted(c for c in set(cuts) if 0 < c < len(stream)), len(stream)]
     chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)] or [b""]
-    return asyncio.run(_read(chunks, max_size))
+    return asyncio.run(_read(chunks, max_size))[:3]
 
 
 def reference_split(stream: bytes) -> tuple[bytes, bytes] | None:
@@ -311,18 +318,11 @@ def test_read_data_size_limit() -> None:
 
 
 def test_read_data_sink_error_is_write_error() -> None:
-    async def go() -> object:
-        reader = asyncio.StreamReader(limit=LIMIT)
-        reader.feed_data(b"line\r\nmore\r\n.\r\nQUIT\r\n")
-        reader.feed_eof()
+    def sink(_: bytes) -> None:
+        raise OSError(28, "No space left on device")
 
-        def sink(_: bytes) -> None:
-            raise OSError(28, "No space left on device")
-
-        result = await read_data(reader, sink, 10**6)
-        return result.outcome, result.error, await reader.read()
-
-    outcome, error, rest = asyncio.run(go())  # type: ignore[misc]
+    outcome, _sunk, rest, error = asyncio.run(
+        _read([b"line\r\nmore\r\n.\r\nQUIT\r\n"], 10**6, sink))
     assert outcome is DataOutcome.WRITE_ERROR
     assert isinstance(error, OSError)
     assert rest == b"QUIT\r\n"

@@ -39,6 +39,7 @@ from empath import metrics
 from empath.addr import AddressError, normalize_domain, parse_mailbox
 from empath.config.model import Config
 from empath.secretfile import read_secret
+from empath.smtp.connection import LineTooLong
 
 if TYPE_CHECKING:
     from empath.smtp.session import SMTPSession
@@ -229,7 +230,7 @@ def offered(session: SMTPSession) -> bool:
     (RFC 4954 §4: no plaintext passwords, not even a hint that they would be taken)."""
     return (session.role == "submission"
             and session.cfg.submission.users_file is not None
-            and session._tls_protocol is not None)
+            and session.tls)
 
 
 class _Malformed(Exception):
@@ -242,13 +243,11 @@ class _Cancelled(Exception):
 
 async def _response(session: SMTPSession) -> bytes | None:
     """One line of the client's SASL exchange, base64-decoded; None when it left."""
-    reader = session._reader
     try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError as exc:
-        await session._drain_long_line(exc.consumed)
+        line = await session.readline()
+    except LineTooLong:
         raise _Malformed from None
-    except asyncio.IncompleteReadError:
+    if not line:
         return None
     text = line.rstrip(b"\r\n").strip()
     if text == b"*":
@@ -275,7 +274,7 @@ def _text(value: bytes) -> str:
 async def _plain(session: SMTPSession, initial: bytes | None) -> tuple[str, bytes] | None:
     if initial is None:
         session._write("334 ")
-        await session._writer.drain()
+        await session.drain()
         got = await _response(session)
         if got is None:
             return None
@@ -292,14 +291,14 @@ async def _plain(session: SMTPSession, initial: bytes | None) -> tuple[str, byte
 
 async def _login(session: SMTPSession, initial: bytes | None) -> tuple[str, bytes] | None:
     if initial is None:
-        session._writer.write(_LOGIN_USER + b"\r\n")
-        await session._writer.drain()
+        session.write(_LOGIN_USER + b"\r\n")
+        await session.drain()
         initial = await _response(session)
         if initial is None:
             return None
     name = _text(initial)
-    session._writer.write(_LOGIN_PASS + b"\r\n")
-    await session._writer.drain()
+    session.write(_LOGIN_PASS + b"\r\n")
+    await session.drain()
     password = await _response(session)
     if password is None:
         return None
@@ -321,7 +320,7 @@ async def smtp_auth(session: SMTPSession, arg: str | None) -> None:
     if session.helo is None or not session.esmtp:
         await session.push("503 5.5.1 Error: send EHLO first")
         return
-    if session._tls_protocol is None:
+    if not session.tls:
         metrics.inc("empath_smtp_auth_total", (role, "encryption_required"))
         await session.push(
             "538 5.7.11 Encryption required for requested authentication mechanism")

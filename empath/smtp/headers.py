@@ -30,7 +30,8 @@ Missing = Callable[[set[bytes]], bytes]
 
 
 class HeaderFilter:
-    """``feed`` each unstuffed line of the message, then ``finish`` at the final dot.
+    """``feed`` each unstuffed line of the message (or ``feed_block`` whole lines), then
+    ``finish`` at the final dot.
 
     ``missing``, when given, returns the fields to add given the lower-case names
     present; the header section is then held back until its end.
@@ -72,6 +73,27 @@ class HeaderFilter:
             self._held.append(line)
         else:
             self.sink(line)
+
+    def feed_block(self, block: bytes) -> None:
+        """Whole unstuffed lines: those of the header section go through ``feed``,
+        the body after it to the sink in one piece."""
+        if self.too_big:
+            return
+        if not self.in_header:
+            self.sink(block)
+            return
+        start, end = 0, len(block)
+        while start < end:
+            nl = block.find(b"\n", start)
+            stop = end if nl < 0 else nl + 1
+            self.feed(block[start:stop])
+            start = stop
+            if self.too_big:
+                return
+            if not self.in_header:
+                if start < end:
+                    self.sink(block[start:])
+                return
 
     def finish(self) -> None:
         """At the end of data: a message that is all header is released now."""

@@ -2,7 +2,7 @@
 
 Every 2xx/4xx/5xx reply after the greeting and EHLO carries an enhanced code. Replies
 written by this package name their code explicitly; ``ensure_enhanced`` is the safety
-net for the few that aiosmtpd itself still sends (e.g. during STARTTLS).
+net for replies that give only the basic code (modules' refusals, for one).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""One SMTP session: aiosmtpd's protocol, with the command loop and replies owned here.
+"""One SMTP session: the command loop, the replies and the moment ``250`` is sent.
 
-aiosmtpd gives us the transport plumbing, timeouts and the STARTTLS switch (which
-discards plaintext pipelined after STARTTLS, the CVE-2011-0411 class). Everything a
-client sees — replies with enhanced status codes, relay policy, limits, the DATA
-reader, the moment ``250`` is sent — is decided in this module.
+The bytes underneath (receive buffer, deadlines, back-pressure, the STARTTLS switch)
+are ``empath.smtp.connection``'s; the DATA checks are ``empath.smtp.data``'s.
+Everything a client sees — replies with enhanced status codes, relay policy, limits —
+is decided in this module.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, TLSSetupException
-
 from empath import metrics
 from empath.addr import Mailbox
 from empath.smtp import auth
-from empath.smtp.data import DataOutcome, read_data
+from empath.smtp.connection import Connection, LineTooLong
+from empath.smtp.data import DataOutcome, DataScanner
 from empath.smtp.dsnparams import parse_envid, parse_notify, parse_orcpt, parse_ret
 from empath.smtp.headers import HeaderFilter, submission_fields
 from empath.smtp.parse import PathArgs, ReplyError, parse_path_args
@@ -39,6 +39,9 @@ log = logging.getLogger("empath.smtp")
 
 # Commands are short; 1000 octets leaves room for ESMTP parameters (RFC 5321 §4.5.3.1.4).
 MAX_COMMAND = 1000
+# The longest line kept in the buffer: an AUTH response may reach 12,288 octets
+# (RFC 4954 §4); anything longer is skipped to its end and answered with 500.
+MAX_LINE = 12288
 # Inside DATA the deadline (limits.data_timeout) moves on each time this many more
 # octets have arrived: a big message on a slow link gets through, a client trickling
 # a byte now and then does not keep its slot.
@@ -64,10 +67,6 @@ _DATA_REASON = {
     DataOutcome.NUL: "syntax",
     DataOutcome.WRITE_ERROR: "storage",
 }
-
-
-class _NoHandler:
-    """aiosmtpd wants a handler object; all behaviour lives in the session itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +100,7 @@ def _recipient_key(mailbox: Mailbox) -> str:
     return mailbox.address
 
 
-class SMTPSession(SMTP):  # type: ignore[misc]
+class SMTPSession(Connection):
     def _fields(self, event: str | None = None, **more: str) -> dict[str, str]:
         """Journal fields for this session's log lines (see empath.systemd.events)."""
         fields = {"CLIENT_ADDR": self.client_ip, **more}
@@ -111,16 +110,9 @@ class SMTPSession(SMTP):  # type: ignore[misc]
 
     def __init__(self, front: Front, role: str) -> None:
         cfg = front.config
-        super().__init__(
-            _NoHandler(),
-            data_size_limit=cfg.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=cfg.hostname,
-            ident="ESMTP empath",
-            tls_context=front.tls_context,
-            timeout=cfg.limits.command_timeout,
-            loop=asyncio.get_running_loop(),
-        )
+        super().__init__(asyncio.get_running_loop(), timeout=cfg.limits.command_timeout,
+                         line_limit=MAX_LINE)
+        self.tls_context = front.tls_context
         self.front = front
         self.role = role
         self.cfg = cfg  # fixed for the session's life: a reload affects new sessions
@@ -144,27 +136,11 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self._tls_handshake = False
         self._session_timer: asyncio.TimerHandle | None = None  # limits.max_session_time
         self._receiving = False  # reading DATA (as opposed to committing it)
-        self._commands: dict[str, Any] = {
-            "EHLO": self.smtp_EHLO,
-            "HELO": self.smtp_HELO,
-            "MAIL": self.smtp_MAIL,
-            "RCPT": self.smtp_RCPT,
-            "DATA": self.smtp_DATA,
-            "RSET": self.smtp_RSET,
-            "NOOP": self.smtp_NOOP,
-            "QUIT": self.smtp_QUIT,
-            "VRFY": self.smtp_VRFY,
-            "EXPN": self.smtp_EXPN,
-            "HELP": self.smtp_HELP,
-            "STARTTLS": self.smtp_STARTTLS,
-            "AUTH": self.smtp_AUTH,
-            "BDAT": self.smtp_BDAT,
-        }
 
     # ---- output ---------------------------------------------------------------
 
     def _write(self, line: str) -> None:
-        self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        self.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
 
     async def push(self, status: str | bytes) -> None:
         """Send one reply line; adds an enhanced code if missing and counts errors."""
@@ -174,7 +150,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if status[:1] in ("4", "5"):
             self.errors += 1
         self._write(status)
-        await self._writer.drain()
+        await self.drain()
 
     async def refuse(self, reason: str, reply: str) -> None:
         """Refuse a MAIL, RCPT or DATA, counted by reason (relay, size, syntax, policy,
@@ -192,7 +168,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             self._write(reply)
         self.transport.close()
 
-    def _timeout_cb(self) -> None:
+    def timed_out(self) -> None:
         if self.busy:
             reply = f"421 4.4.2 {self.cfg.hostname} Error: timeout exceeded during DATA"
         else:
@@ -236,7 +212,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
 
     def describe(self) -> dict[str, Any]:
         """This session as one row of ``empathctl connections`` (JSON-able)."""
-        tls = self._tls_protocol is not None and not self._tls_handshake
+        tls = self.tls and not self._tls_handshake
         version = None
         if tls and self.transport is not None:
             ssl_object = self.transport.get_extra_info("ssl_object")
@@ -259,23 +235,15 @@ class SMTPSession(SMTP):  # type: ignore[misc]
 
     # ---- connection ------------------------------------------------------------
 
-    def eof_received(self) -> bool | None:
-        # aiosmtpd cancels the command loop here but keeps the socket half-open
-        # (CLOSE-WAIT) until the command timeout; a client that sent EOF is gone, and
-        # its session must not hold a worker slot and its per-address count meanwhile.
-        super().eof_received()
-        return False  # asyncio closes the transport; connection_lost follows
-
-    def connection_lost(self, error: Exception | None) -> None:
+    def closed(self) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self.admitted:
             self.admitted = False
             self.front.session_closed(self)
-        super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        peer = self.session.peer if self.session is not None else None
+    async def serve(self) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = str(peer[0]), int(peer[1])
         sockname = self.transport.get_extra_info("sockname") if self.transport else None
@@ -293,35 +261,19 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             self.close_with(refusal)
             return
         self._write(f"220 {self.cfg.hostname} ESMTP empath")
-        reader = self._reader
         max_errors = self.cfg.limits.max_errors
+        readline = self.readline
         while self.transport is not None and not self.closing:
             try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                await self._drain_long_line(exc.consumed)
+                line = await readline()
+            except LineTooLong:
                 await self.push("500 5.5.6 Error: command line too long")
                 self._check_errors(max_errors)
                 continue
-            except asyncio.IncompleteReadError:
-                break
+            if not line:
+                break  # EOF: Connection closes our side too
             await self._dispatch(line)
             self._check_errors(max_errors)
-        # The client went away without QUIT (or we are closing): close our side too,
-        # or the half-open session would hold its worker slot and the client's
-        # per-address connection count until the command timeout.
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    async def _drain_long_line(self, consumed: int) -> None:
-        reader = self._reader
-        await reader.readexactly(consumed)
-        while True:
-            try:
-                await reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as exc:
-                await reader.readexactly(exc.consumed)
 
     def _check_errors(self, max_errors: int) -> None:
         if self.errors >= max_errors and not self.closing:
@@ -340,14 +292,14 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         except UnicodeDecodeError:
             await self.push("500 5.5.2 Error: bad syntax")
             return
-        handler = self._commands.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is None:
             await self.push("500 5.5.2 Error: command not recognized")
             return
         arg = arg_b.strip().decode("utf-8", "surrogateescape") if arg_b.strip() else None
-        self._reset_timeout()
+        self.set_deadline()
         try:
-            await handler(arg)
+            await handler(self, arg)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
@@ -356,8 +308,8 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             await self.push("451 4.3.0 Error: internal error, try again later")
         if not self.closing and self.transport is not None:
             # limits.command_timeout is per command line, counted from this reply; the
-            # bytes of the next line do not reset it (aiosmtpd's timer is ours alone).
-            self._reset_timeout()
+            # bytes of the next line do not reset it.
+            self.set_deadline()
 
     # ---- commands ----------------------------------------------------------------
 
@@ -393,14 +345,14 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             "ENHANCEDSTATUSCODES",
             "DSN",
         ]
-        if self.tls_context is not None and self._tls_protocol is None:
+        if self.tls_context is not None and not self.tls:
             lines.append("STARTTLS")
         if auth.offered(self):
             lines.append("AUTH " + " ".join(auth.MECHANISMS))
         for text in lines[:-1]:
             self._write(f"250-{text}")
         self._write(f"250 {lines[-1]}")
-        await self._writer.drain()
+        await self.drain()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self.helo is None:
@@ -609,7 +561,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             return
         self._write("354 End data with <CR><LF>.<CR><LF>")
         data_timeout = cfg.limits.data_timeout
-        self._reset_timeout(data_timeout)
+        self.set_deadline(data_timeout)
         missing = (submission_fields(writer.id, cfg.hostname, now)
                    if self.role == "submission" else None)
         headers = HeaderFilter(writer.write, cfg.limits.max_header_size, missing)
@@ -620,12 +572,13 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             arrived += n
             if arrived >= DATA_PROGRESS:
                 arrived = 0
-                self._reset_timeout(data_timeout)
+                self.set_deadline(data_timeout)
 
         self._receiving = True
+        scanner = DataScanner(headers.feed_block, cfg.limits.max_message_size)
         try:
-            result = await read_data(self._reader, headers.feed,
-                                     cfg.limits.max_message_size, progress)
+            await self.read_data(scanner, progress)
+            result = scanner.result()
             if result.outcome is DataOutcome.OK and not headers.too_big:
                 try:
                     headers.finish()
@@ -636,7 +589,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
             raise
         finally:
             self._receiving = False
-        self._reset_timeout()  # committing, then the next command: command_timeout
+        self.set_deadline()  # committing, then the next command: command_timeout
         if result.outcome is DataOutcome.OK and headers.too_big:
             writer.abort()
             log.info("message rejected client=%s reason=header larger than %d octets",
@@ -694,7 +647,7 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         await self.push(f"250 2.0.0 Ok: queued as {envelope.id}")
 
     def _tls_info(self) -> str | None:
-        if self._tls_protocol is None:
+        if not self.tls:
             return None
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
         if ssl_object is None:
@@ -744,22 +697,21 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         if self.tls_context is None:
             await self.push("502 5.5.1 Error: STARTTLS not available")
             return
-        if self._tls_protocol is not None:
+        if self.tls:
             await self.push("503 5.5.1 Error: TLS already active")
             return
         if arg is not None:
             await self.push("501 5.5.4 Syntax: STARTTLS")
             return
+        await self.push("220 2.0.0 Ready to start TLS")
         self._tls_handshake = True
         try:
-            # Sends "220 Ready to start TLS" (our push adds 2.0.0), switches the
-            # transport and throws away anything pipelined in plaintext behind it.
-            await super().smtp_STARTTLS(arg or "")
-        except TLSSetupException:
-            log.info("TLS handshake failed client=%s", self.client_ip, extra=self._fields())
+            # Throws away anything pipelined in plaintext behind the command.
+            await self.start_tls(self.tls_context, self.cfg.limits.command_timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("TLS handshake failed client=%s: %s", self.client_ip, exc,
+                     extra=self._fields())
             self.closing = True
-            if self.transport is not None:
-                self.transport.close()
             return
         finally:
             self._tls_handshake = False
@@ -770,3 +722,23 @@ class SMTPSession(SMTP):  # type: ignore[misc]
         self.helo, self.esmtp = None, False
         self.authenticated = None
         self._reset_txn()
+
+
+# Verb -> handler, built once (a per-session table of bound methods cost a dict
+# and 14 method objects for every connection).
+_COMMANDS: dict[str, Any] = {
+    "EHLO": SMTPSession.smtp_EHLO,
+    "HELO": SMTPSession.smtp_HELO,
+    "MAIL": SMTPSession.smtp_MAIL,
+    "RCPT": SMTPSession.smtp_RCPT,
+    "DATA": SMTPSession.smtp_DATA,
+    "RSET": SMTPSession.smtp_RSET,
+    "NOOP": SMTPSession.smtp_NOOP,
+    "QUIT": SMTPSession.smtp_QUIT,
+    "VRFY": SMTPSession.smtp_VRFY,
+    "EXPN": SMTPSession.smtp_EXPN,
+    "HELP": SMTPSession.smtp_HELP,
+    "STARTTLS": SMTPSession.smtp_STARTTLS,
+    "AUTH": SMTPSession.smtp_AUTH,
+    "BDAT": SMTPSession.smtp_BDAT,
+}

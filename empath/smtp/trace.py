@@ -16,6 +16,19 @@ def with_protocol(*, esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
     return base + ("S" if tls else "") + ("A" if auth else "")
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date(timestamp: float) -> str:
+    """RFC 5322 date of ``timestamp`` (UTC), formatted once per second: every message
+    received in the same second carries the same text anyway."""
+    global _date_cache
+    second = int(timestamp)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date_cache[1]
+
+
 def _clean(text: str) -> str:
     # The HELO name is client-controlled: keep it printable and free of comment syntax
     # so it cannot forge structure in the header.
@@ -46,6 +59,5 @@ def received_header(
     parts.append(f"with {protocol} id {queue_id}")
     if len(recipients) == 1:
         parts.append(f"for <{recipients[0]}>")
-    date = email.utils.format_datetime(datetime.fromtimestamp(timestamp, UTC))
-    text = "Received: " + "\r\n\t".join(parts) + ";\r\n\t" + date + "\r\n"
+    text = "Received: " + "\r\n\t".join(parts) + ";\r\n\t" + _date(timestamp) + "\r\n"
     return text.encode("utf-8", "surrogateescape")
