@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["Connection", "LineTooLong"]
 
@@ -68,8 +68,9 @@ class Connection(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are not asyncio.Transport
+        # subclasses, though they behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         self.set_deadline()
         self._task = self.loop.create_task(self._run())
 
