@@ -507,7 +507,7 @@ log: {{level: warning}}
             stored = Stored(expected, None)
         else:
             queue = self._dir / "state" / "spool" / "queue"
-            found = len(list(queue.glob("*.env"))) if queue.is_dir() else 0
+            found = len(list(queue.glob("*.msg"))) if queue.is_dir() else 0
             stored = Stored(expected, found, "" if code == 0 else f"exit status {code}")
         if stored.ok:
             shutil.rmtree(self._dir / "state", ignore_errors=True)  # keep the log, drop bulk

@@ -164,7 +164,7 @@ log: {{level: warning}}
 
     def queued(self) -> int:
         with contextlib.suppress(OSError), os.scandir(self.state / "spool" / "queue") as it:
-            return sum(1 for e in it if e.name.endswith(".env"))
+            return sum(1 for e in it if e.name.endswith(".msg"))
         return 0
 
     @property

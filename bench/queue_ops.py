@@ -125,7 +125,12 @@ def build_spool(root: Path, p: Params) -> Built:
             client_port=40000 + i % 20000, helo="client.bench.example", size=len(data),
         )
         raw = env.to_bytes()
-        for name, content in ((f"{id}.msg", data), (f"{id}.env", raw)):
+        # What commit writes: one file, the data then the envelope line and its length.
+        # A message with history has been tried: its changed envelope is beside it.
+        files = [(f"{id}.msg", data + raw + b"empath-envelope %010d\n" % len(raw))]
+        if p.history:
+            files.append((f"{id}.env", raw))
+        for name, content in files:
             fd = os.open(queue / name, flags, 0o600)
             try:
                 os.write(fd, content)
@@ -535,7 +540,7 @@ def run(p: Params, tmp: Path, r: Result) -> None:
     finally:
         daemon.close()
     queue = state / "spool" / "queue"
-    r.queued_after = sum(1 for _ in queue.glob("*.env"))
+    r.queued_after = sum(1 for _ in queue.glob("*.msg"))
     r.quarantined_after = sum(1 for _ in (state / "spool" / "quarantine").iterdir())
     for c in r.list_runs + r.stats_runs:
         if c.exit_status != 0:

@@ -334,14 +334,14 @@ log: {{level: warning}}
     def queued(self) -> int:
         try:
             with os.scandir(self._queue_dir()) as it:
-                return sum(1 for e in it if e.name.endswith(".env"))
+                return sum(1 for e in it if e.name.endswith(".msg"))
         except OSError:
             return 0
 
     def confirm_empty(self) -> None:
         left = self.queued()
         if left:
-            raise BenchError(f"{self.label}: {left} *.env file(s) left in {self._queue_dir()}")
+            raise BenchError(f"{self.label}: {left} message(s) left in {self._queue_dir()}")
 
     def end(self, expected: int = 0) -> Stored:
         return super().end(0)

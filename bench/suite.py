@@ -308,7 +308,7 @@ def run_recovery(p: Params, tmp: Path, variants: Sequence[Variant]) -> dict[str,
             if r.error is None:
                 log(f"recovery {v.name:<8} round {rnd}: READY=1 after {r.ready_seconds:.2f}s, "
                     f"queue stats {r.stats_seconds:.2f}s")
-    queued = sum(1 for _ in (state / "spool" / "queue").glob("*.env"))
+    queued = sum(1 for _ in (state / "spool" / "queue").glob("*.msg"))
     quarantined = sum(1 for _ in (state / "spool" / "quarantine").iterdir())
     return {"messages": p.recovery_messages, "built_seconds": built.seconds,
             "envelope_bytes": built.env_bytes, "runs": [asdict(r) for r in runs],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -136,10 +137,53 @@ class Daemon:
         self.proc.wait()
 
     def queued_ids(self) -> set[str]:
-        return {p.stem for p in self.queue_dir.glob("*.env")}
+        return spool_ids(self.queue_dir)
 
     def message_bytes(self, queue_id: str) -> bytes:
-        return (self.queue_dir / f"{queue_id}.msg").read_bytes()
+        return spool_data(self.queue_dir, queue_id)
+
+    def envelope(self, queue_id: str) -> dict[str, Any]:
+        return spool_record(self.queue_dir, queue_id)
+
+
+# The spool's file layout, read independently of empath.spool (what a test checks
+# the daemon against): queue/<id>.msg is the data, then the envelope as received (one
+# JSON line), then "empath-envelope <10-digit length of that line>\n"; queue/<id>.env,
+# once delivery has changed the envelope, is the envelope as it is now.
+_TRAILER = re.compile(rb"empath-envelope (\d{10})\n\Z")
+
+
+def _split_entry(raw: bytes) -> tuple[bytes, bytes | None]:
+    """(data, envelope line) of a queue file; (raw, None) for data only."""
+    m = _TRAILER.search(raw[-27:])
+    if m is None:
+        return raw, None
+    start = len(raw) - 27 - int(m.group(1))
+    return raw[:start], raw[start:len(raw) - 27]
+
+
+def spool_ids(queue_dir: Path) -> set[str]:
+    """The messages in a spool's queue/ (one .msg file each)."""
+    return {p.stem for p in queue_dir.glob("*.msg")}
+
+
+def spool_data(queue_dir: Path, queue_id: str) -> bytes:
+    return _split_entry((queue_dir / f"{queue_id}.msg").read_bytes())[0]
+
+
+def spool_record_bytes(queue_dir: Path, queue_id: str) -> bytes:
+    """The envelope record's bytes (for Envelope.from_bytes)."""
+    changed = queue_dir / f"{queue_id}.env"
+    if changed.exists():
+        return changed.read_bytes()
+    line = _split_entry((queue_dir / f"{queue_id}.msg").read_bytes())[1]
+    assert line is not None, f"{queue_id}.msg carries no envelope"
+    return line
+
+
+def spool_record(queue_dir: Path, queue_id: str) -> dict[str, Any]:
+    """A queued message's envelope, as the JSON object the daemon has now."""
+    return dict(json.loads(spool_record_bytes(queue_dir, queue_id)))
 
 
 def strip_received(data: bytes) -> bytes:

@@ -24,6 +24,7 @@ from tests.harness import (
     queued_id,
     record_swaks,
     send_message,
+    spool_data,
     strip_received,
 )
 
@@ -220,8 +221,8 @@ def test_run_with_examples_dev_yaml(tmp_path: Path) -> None:
                                               "dev.yaml"))
         assert code == 250, text
         qid = queued_id(text)
-        queued = conf_dir / "dev-state" / "spool" / "queue" / f"{qid}.msg"
-        assert strip_received(queued.read_bytes()) == body
+        queued = spool_data(conf_dir / "dev-state" / "spool" / "queue", qid)
+        assert strip_received(queued) == body
         assert not (elsewhere / "dev-state").exists()
         if shutil.which("swaks"):
             out = subprocess.run(

@@ -693,7 +693,7 @@ def _ctl_on_a_terminal(served: Ctl, *args: str, answer: bytes
 
 def test_delete_asks_first_on_a_terminal(served: Ctl) -> None:
     id = served.ids["multi"]
-    env_file = served.spool.queue_dir / f"{id}.env"
+    env_file = served.spool.queue_dir / f"{id}.msg"  # the message exists while it does
     # Not a terminal and no --yes: refused before anything is sent (usage, exit 2).
     p = served.ctl("queue", "delete", id)
     assert p.returncode == 2
@@ -727,7 +727,7 @@ def test_changes_refused_while_delivering(
         p = served.ctl("queue", verb, id, *(["--yes"] if verb == "delete" else []))
         assert p.returncode == 1, (verb, p.stderr)
         assert "being delivered right now" in p.stderr
-    assert (served.spool.queue_dir / f"{id}.env").exists()
+    assert (served.spool.queue_dir / f"{id}.msg").exists()
     assert served.env("pending").held is False
     assert served.json("queue", "list", "--status", "active")[0]["id"] == id
     j = served.json("queue", "retry", "--all")

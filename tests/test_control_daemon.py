@@ -400,7 +400,7 @@ def test_queue_commands_on_real_mail(make_daemon: MakeDaemon, sinks: SinkLoop,
     out = ok(d, "queue", "delete", "--yes", m5)
     assert f"{m5}: deleted" in out and "no bounce" in out
     assert js(d, "queue", "list") == []
-    assert not (d.queue_dir / f"{m5}.env").exists()
+    assert not (d.queue_dir / f"{m5}.msg").exists()
 
     # `status`: version, uptime, listeners, queue counts, last reload, config path.
     st = js(d, "status")

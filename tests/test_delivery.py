@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import json
 import re
 import threading
 import time
@@ -26,7 +25,15 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.dnsmasq import DnsmasqServer, dnsmasq_fixture
-from tests.harness import Daemon, RawClient, free_port, queued_id, send_message
+from tests.harness import (
+    Daemon,
+    RawClient,
+    free_port,
+    queued_id,
+    send_message,
+    spool_ids,
+    spool_record,
+)
 from tests.sinks import LMTPSink, Script, SMTPSink, make_tls
 
 T = TypeVar("T")
@@ -201,7 +208,7 @@ def send_with(d: Daemon, mail_cmd: str, rcpt_cmds: list[str], subject: str,
 
 def envelope(d: Daemon, qid: str) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = json.loads((d.queue_dir / f"{qid}.env").read_bytes())
+        data: dict[str, Any] = spool_record(d.queue_dir, qid)
     except (FileNotFoundError, ValueError):
         return None  # gone, or (never seen here) mid-rename
     return data
@@ -225,7 +232,7 @@ def wait_rcpt(d: Daemon, qid: str, address: str, what: str,
 
 
 def gone(d: Daemon, qid: str) -> bool:
-    return not (d.queue_dir / f"{qid}.env").exists()
+    return not (d.queue_dir / f"{qid}.msg").exists()
 
 
 def maildir_messages(mail: Path, user: str) -> list[EmailMessage]:
@@ -382,7 +389,7 @@ def test_06b_failed_bounce_goes_to_postmaster_once(
     dsn = one_dsn(mail, d, user="postmaster")
     _, (block,) = report_fields(dsn)
     assert block["final-recipient"] == "rfc822;bob@primary.test"
-    wait_until(lambda: gone(d, qid) and not list(d.queue_dir.glob("*.env")),
+    wait_until(lambda: gone(d, qid) and not spool_ids(d.queue_dir),
                "the queue to empty", d)
     assert len(dsns(mail, "postmaster")) == 1  # never bounced back to <>
 
@@ -467,7 +474,7 @@ def test_09_notify_never_suppresses_the_bounce(
     # The bounce is recorded and logged, but nobody is notified: a DSN would have
     # been queued before the original left, and the queue is empty.
     assert f"bounced id={qid}" in d.log()
-    assert not list(d.queue_dir.glob("*.env"))
+    assert not spool_ids(d.queue_dir)
     assert not maildir_messages(mail, "alice")
 
 

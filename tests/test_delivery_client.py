@@ -805,15 +805,18 @@ _CLIENT_SCRIPT = textwrap.dedent("""
 
     async def main():
         path, host, port = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-        env = Envelope(id=new_message_id(), sender="a@origin.test",
-                       recipients=[Recipient("b@dest.test")], received_at=time.time(),
-                       client_addr="127.0.0.1", client_port=0, helo="client.test")
+        def envelope(data):  # the data is all of the file here (a plain file)
+            return Envelope(id=new_message_id(), sender="a@origin.test",
+                            recipients=[Recipient("b@dest.test")], received_at=time.time(),
+                            client_addr="127.0.0.1", client_port=0, helo="client.test",
+                            size=data.stat().st_size)
         pool = ConnectionPool()
         settings = ClientSettings(helo="client.test", own_hostname="mx.empath.test",
                                   tls="none", command_timeout=60, final_timeout=60)
         target = Target("mx.dest.test", host, port)
         # Warm up (imports, thread pool, first connection), then measure the peak.
-        await deliver(env, env.recipients, Path(sys.argv[4]), [target], settings, pool=pool)
+        warm = envelope(Path(sys.argv[4]))
+        await deliver(warm, warm.recipients, Path(sys.argv[4]), [target], settings, pool=pool)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
@@ -831,6 +834,7 @@ _CLIENT_SCRIPT = textwrap.dedent("""
                 await asyncio.sleep(0.002)
 
         sampler = asyncio.create_task(sample())
+        env = envelope(path)
         [res] = await deliver(env, env.recipients, path, [target], settings, pool=pool)
         done = True
         await sampler

@@ -40,7 +40,7 @@ from empath.delivery.route import OwnIdentity, Route, resolve_route
 from empath.spool.envelope import Attempt, Envelope, Recipient
 from empath.spool.ids import new_message_id
 from tests.dnssec import DnssecLab, Zone, dnssec_fixture, require_tools
-from tests.harness import REPO, Daemon, free_port, queued_id, send_message
+from tests.harness import REPO, Daemon, free_port, queued_id, send_message, spool_record
 from tests.sinks import SMTPSink
 
 T = TypeVar("T")
@@ -359,7 +359,7 @@ def ctl(d: Daemon, *args: str) -> str:
 
 def recipients(d: Daemon, qid: str) -> dict[str, dict[str, Any]] | None:
     try:
-        env = json.loads((d.queue_dir / f"{qid}.env").read_bytes())
+        env = spool_record(d.queue_dir, qid)
     except (FileNotFoundError, ValueError):
         return None
     return {r["address"]: r for r in env["recipients"]}

@@ -30,7 +30,14 @@ import pytest
 
 from empath.spool.ids import new_message_id
 from tests.conftest import IN_CI, require_tool
-from tests.harness import Daemon, RawClient, queued_id, send_message, strip_received
+from tests.harness import (
+    Daemon,
+    RawClient,
+    queued_id,
+    send_message,
+    spool_record,
+    strip_received,
+)
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -87,9 +94,7 @@ def restart(d: Daemon) -> None:
 
 
 def read_envelope(queue_dir: Path, qid: str) -> dict[str, object]:
-    env = json.loads((queue_dir / f"{qid}.env").read_bytes())
-    assert isinstance(env, dict)
-    return env
+    return spool_record(queue_dir, qid)
 
 
 def recovery_line(log: str) -> tuple[int, int, int]:
@@ -101,7 +106,8 @@ def recovery_line(log: str) -> tuple[int, int, int]:
 
 
 def assert_spool_consistent(d: Daemon) -> list[str]:
-    """tmp/ is empty; every queue entry is a complete, parseable pair. Returns ids."""
+    """tmp/ is empty; every queue entry is a complete message file whose envelope
+    parses and matches its data. Returns ids."""
     spool = d.state_dir / "spool"
     leftovers = sorted(p.name for p in (spool / "tmp").iterdir())
     assert leftovers == [], f"files left in spool/tmp: {leftovers[:10]}"
@@ -109,15 +115,12 @@ def assert_spool_consistent(d: Daemon) -> list[str]:
     msgs = {n[:-4] for n in names if n.endswith(".msg")}
     envs = {n[:-4] for n in names if n.endswith(".env")}
     assert len(msgs) + len(envs) == len(names), f"unexpected files in queue/: {names}"
-    assert msgs == envs, (
-        f"incomplete entries: data without envelope {sorted(msgs - envs)[:5]}, "
-        f"envelope without data {sorted(envs - msgs)[:5]}"
-    )
-    for qid in envs:
-        env = read_envelope(d.queue_dir, qid)
+    assert envs <= msgs, f"envelope without data: {sorted(envs - msgs)[:5]}"
+    for qid in msgs:
+        env = read_envelope(d.queue_dir, qid)  # fails for data without envelope
         assert env["id"] == qid
-        assert env["size"] == (d.queue_dir / f"{qid}.msg").stat().st_size, qid
-    return sorted(envs)
+        assert env["size"] == len(d.message_bytes(qid)), qid
+    return sorted(msgs)
 
 
 # ---- 1. the crash test -------------------------------------------------------------
@@ -378,7 +381,7 @@ def test_fsync_rename_dirsync_precede_every_250(make_daemon: MakeDaemon,
 
 def check_syscall_order(calls: list[Call], ids: list[str], spool: Path,
                         threads: dict[int, set[int]]) -> int:
-    """Assert fsync(data, env) < rename(both) < fsync(queue/) < write(250) for each id.
+    """Assert fsync(message file) < rename < fsync(queue/) < write(250) for each id.
 
     Returns the number of successful queue/ fsyncs seen.
     """
@@ -399,26 +402,22 @@ def check_syscall_order(calls: list[Call], ids: list[str], spool: Path,
 
     for qid in ids:
         fsync_msg = one(fsyncs, [f"<{tmp_dir}/{qid}.msg>"], f"fsync of {qid}.msg")
-        fsync_env = one(fsyncs, [f"<{tmp_dir}/{qid}.env>"], f"fsync of {qid}.env")
         ren_msg = one(renames, [f'"{tmp_dir}/{qid}.msg"', f'"{queue_dir}/{qid}.msg"'],
                       f"rename of {qid}.msg")
-        ren_env = one(renames, [f'"{tmp_dir}/{qid}.env"', f'"{queue_dir}/{qid}.env"'],
-                      f"rename of {qid}.env")
         reply = [c for c in calls
                  if c.name in ("write", "writev", "sendto", "sendmsg")
                  and re.match(r"\d+<TCP(v6)?:\[", c.args) and f"queued as {qid}" in c.args]
         assert len(reply) == 1, f"250 for {qid} written {len(reply)} times"
         write_250 = reply[0]
         assert fsync_msg.end < ren_msg.start, f"{qid}: data renamed before its fsync returned"
-        assert fsync_env.end < ren_env.start, f"{qid}: envelope renamed before its fsync returned"
-        renamed = max(ren_msg.end, ren_env.end)
-        # A directory fsync of the same process that started after both renames and
+        renamed = ren_msg.end
+        # A directory fsync of the same process that started after the rename and
         # returned before the 250 was written.
         process = threads.get(write_250.pid, {write_250.pid})
         covering = [s for s in dir_syncs
                     if s.pid in process and s.start > renamed and s.end < write_250.start]
         assert covering, (
-            f"{qid}: no fsync of queue/ between its renames (line {renamed + 1}) and its "
+            f"{qid}: no fsync of queue/ between its rename (line {renamed + 1}) and its "
             f"250 (line {write_250.start + 1})"
         )
     return len(dir_syncs)
@@ -433,11 +432,9 @@ def _fake_trace(order: list[str]) -> str:
     q = _FAKE_ID
     lines = {
         "write_msg": f"write(11<{sp}/tmp/{q}.msg>, \"Received: ...\", 207) = 207",
-        "fsync_msg": f"fsync(11<{sp}/tmp/{q}.msg>) = 0",
-        "fsync_env_start": f"fsync(13<{sp}/tmp/{q}.env> <unfinished ...>",
-        "fsync_env_end": "<... fsync resumed>) = 0",
+        "fsync_start": f"fsync(11<{sp}/tmp/{q}.msg> <unfinished ...>",
+        "fsync_end": "<... fsync resumed>) = 0",
         "rename_msg": f'rename("{sp}/tmp/{q}.msg", "{sp}/queue/{q}.msg") = 0',
-        "rename_env": f'rename("{sp}/tmp/{q}.env", "{sp}/queue/{q}.env") = 0',
         "fsync_dir": f"fsync(7<{sp}/queue>) = 0",
         "reply": (f'sendto(8<TCP:[127.0.0.1:2525->127.0.0.1:4000]>, '
                   f'"250 2.0.0 Ok: queued as {q}\\r\\n", 52, 0, NULL, 0) = 52'),
@@ -448,20 +445,16 @@ def _fake_trace(order: list[str]) -> str:
 
 
 @pytest.mark.parametrize("order, problem", [
-    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
-      "rename_env", "fsync_dir", "reply"], None),
-    (["write_msg", "fsync_msg", "fsync_env_start", "rename_msg", "fsync_env_end",
-      "rename_env", "fsync_dir", "reply"], None),
-    (["write_msg", "rename_msg", "fsync_msg", "fsync_env_start", "fsync_env_end",
-      "rename_env", "fsync_dir", "reply"], "data renamed before its fsync"),
-    (["write_msg", "fsync_msg", "fsync_env_start", "rename_msg", "rename_env",
-      "fsync_env_end", "fsync_dir", "reply"], "envelope renamed before its fsync"),
-    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
-      "fsync_dir", "rename_env", "reply"], "no fsync of queue/"),
-    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
-      "rename_env", "reply", "fsync_dir"], "no fsync of queue/"),
-    (["write_msg", "fsync_msg", "fsync_env_start", "fsync_env_end", "rename_msg",
-      "rename_env", "fsync_dir"], "250 for"),
+    (["write_msg", "fsync_start", "fsync_end", "rename_msg", "fsync_dir", "reply"], None),
+    (["write_msg", "rename_msg", "fsync_start", "fsync_end", "fsync_dir", "reply"],
+     "data renamed before its fsync"),
+    (["write_msg", "fsync_start", "rename_msg", "fsync_end", "fsync_dir", "reply"],
+     "data renamed before its fsync"),
+    (["write_msg", "fsync_start", "fsync_end", "fsync_dir", "rename_msg", "reply"],
+     "no fsync of queue/"),
+    (["write_msg", "fsync_start", "fsync_end", "rename_msg", "reply", "fsync_dir"],
+     "no fsync of queue/"),
+    (["write_msg", "fsync_start", "fsync_end", "rename_msg", "fsync_dir"], "250 for"),
 ])
 def test_syscall_order_checker_catches_bad_orders(tmp_path: Path, order: list[str],
                                                   problem: str | None) -> None:
@@ -583,9 +576,14 @@ def test_recovery_quarantines_damaged_entries(make_daemon: MakeDaemon) -> None:
     qid = new_message_id()
     (q / f"{qid}.msg").write_bytes(template_msg)
     bad[qid] = "data without envelope"
-    qid = new_message_id()
-    (q / f"{qid}.env").write_bytes(env_bytes(qid))
-    bad[qid] = "envelope without data"
+    # An envelope whose message file is gone: a removal interrupted between its two
+    # unlinks. Removed, not quarantined.
+    leftover = new_message_id()
+    (q / f"{leftover}.env").write_bytes(env_bytes(leftover))
+    qid = new_message_id()  # a message file whose envelope line is damaged
+    line = b'{"version": 2, "id": "' + qid.encode() + b'"}\n'
+    (q / f"{qid}.msg").write_bytes(template_msg + line + b"empath-envelope %010d\n" % len(line))
+    bad[qid] = "corrupt envelope"
     qid = new_message_id()
     (q / f"{qid}.msg").write_bytes(template_msg)
     (q / f"{qid}.env").write_bytes(b'{"version": 1, "id": "' + qid.encode() + b'", "sen')
@@ -606,6 +604,8 @@ def test_recovery_quarantines_damaged_entries(make_daemon: MakeDaemon) -> None:
         assert d.message_bytes(gid) == data
     in_quarantine = {p.name for p in (spool / "quarantine").iterdir()}
     log = d.log()
+    assert not (q / f"{leftover}.env").exists()
+    assert not any(name.startswith(leftover) for name in in_quarantine)
     for qid, reason in bad.items():
         assert any(name.startswith(qid) for name in in_quarantine), f"{qid} not quarantined"
         assert re.search(rf"quarantined.*{qid}.*{reason}", log), (

@@ -26,7 +26,15 @@ import yaml
 
 from empath.config import ConfigError, load_config_text
 from empath.modules.api import Reject, Tempfail
-from tests.harness import REPO, Daemon, RawClient, free_port, queued_id, send_message
+from tests.harness import (
+    REPO,
+    Daemon,
+    RawClient,
+    free_port,
+    queued_id,
+    send_message,
+    spool_record,
+)
 from tests.sinks import Script, SMTPSink
 from tests.test_delivery import SinkLoop
 
@@ -79,7 +87,7 @@ def reload(d: Daemon) -> None:
 
 
 def envelope(d: Daemon, queue_id: str) -> dict[str, Any]:
-    return json.loads((d.queue_dir / f"{queue_id}.env").read_text())
+    return spool_record(d.queue_dir, queue_id)
 
 
 def spool_files(d: Daemon) -> list[str]:

@@ -30,7 +30,7 @@ from empath.spool.envelope import (
     Attempt,
 )
 from empath.spool.ids import new_message_id
-from tests.harness import Daemon, free_port, queued_id, send_message
+from tests.harness import Daemon, free_port, queued_id, send_message, spool_record_bytes
 
 MESSAGE = b"From: alice@test.example\r\nSubject: history\r\n\r\nHello.\r\n"
 REFUSED = "X-Empath; connect to 127.0.0.2:25: Connection refused"
@@ -295,13 +295,14 @@ def test_daemon_history_grows_per_attempt_and_is_capped(
                                           ["carol@stuck.example"], MESSAGE, "history"))
     assert code == 250, text
     id = queued_id(text)
-    env_path = d.queue_dir / f"{id}.env"
+    env_path = d.queue_dir / f"{id}.env"  # there once the first attempt changed it
 
     observed: dict[int, Envelope] = {}  # attempts -> the record with that many
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and max(observed, default=0) < HISTORY_LIMIT + 2:
         try:
-            env = Envelope.from_bytes(env_path.read_bytes())  # renamed into place: whole
+            # renamed into place: whole
+            env = Envelope.from_bytes(spool_record_bytes(d.queue_dir, id))
         except FileNotFoundError:
             raise AssertionError(f"message {id} left the queue\n{d.log()}") from None
         r = env.recipients[0]

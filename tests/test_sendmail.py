@@ -42,7 +42,7 @@ import pytest
 
 from empath.spool import Envelope
 from tests.conftest import IN_CI, require_tool
-from tests.harness import Daemon, base_config, free_port
+from tests.harness import Daemon, base_config, free_port, spool_record_bytes
 from tests.sinks import RawServer, Script, SMTPSink, Transaction, unused_port
 
 T = TypeVar("T")
@@ -222,7 +222,7 @@ def queued(d: Daemon, subject: str) -> list[Envelope]:
     out = []
     for qid in d.queued_ids():
         if subject.encode() in d.message_bytes(qid):
-            out.append(Envelope.from_bytes((d.queue_dir / f"{qid}.env").read_bytes()))
+            out.append(Envelope.from_bytes(spool_record_bytes(d.queue_dir, qid)))
     return out
 
 

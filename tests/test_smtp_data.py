@@ -9,7 +9,6 @@ below must produce exactly ONE reply, leave the session in sync, and queue nothi
 from __future__ import annotations
 
 import asyncio
-import json
 import string
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Daemon, RawClient, base_config, free_port, queued_id, strip_received
+from tests.harness import (
+    Daemon,
+    RawClient,
+    base_config,
+    free_port,
+    queued_id,
+    spool_data,
+    spool_ids,
+    spool_record,
+    strip_received,
+)
 
 # ---------------------------------------------------------------------------------
 # daemon and helpers
@@ -71,12 +80,8 @@ def stuff(body: bytes) -> bytes:
 def spool_contents(d: Daemon, since: set[str]) -> list[tuple[dict[str, Any], bytes]]:
     """Envelope and data of every message queued after ``since`` was taken."""
     out = []
-    for env_path in d.queue_dir.glob("*.env"):
-        if env_path.stem in since:
-            continue
-        env = json.loads(env_path.read_text("utf-8"))
-        msg = env_path.with_suffix(".msg")
-        out.append((env, msg.read_bytes() if msg.exists() else b""))
+    for qid in spool_ids(d.queue_dir) - since:
+        out.append((spool_record(d.queue_dir, qid), spool_data(d.queue_dir, qid)))
     return out
 
 

@@ -30,7 +30,7 @@ from empath.smtp.dsnparams import (
 from empath.smtp.parse import ReplyError
 from empath.spool import Envelope
 from tests.conftest import require_tool
-from tests.harness import Daemon, RawClient, queued_id, record_swaks
+from tests.harness import Daemon, RawClient, queued_id, record_swaks, spool_record_bytes
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -44,7 +44,7 @@ def run(coro: Any) -> Any:
 
 
 def envelope(d: Daemon, qid: str) -> dict[str, Any]:
-    raw = (d.queue_dir / f"{qid}.env").read_bytes()
+    raw = spool_record_bytes(d.queue_dir, qid)
     Envelope.from_bytes(raw)  # the record the queue will load back
     result: dict[str, Any] = json.loads(raw)
     return result

@@ -13,7 +13,6 @@ module-scoped daemons keep the number of starts small:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import ssl
 import subprocess
@@ -34,6 +33,7 @@ from tests.harness import (
     queued_id,
     record_swaks,
     send_message,
+    spool_record,
     strip_received,
 )
 
@@ -119,7 +119,7 @@ def client_tls_context(cert: Path) -> ssl.SSLContext:
 
 
 def envelope(d: Daemon, qid: str) -> dict[str, Any]:
-    return json.loads((d.queue_dir / f"{qid}.env").read_text("utf-8"))
+    return spool_record(d.queue_dir, qid)
 
 
 def rcpt_addresses(env: dict[str, Any]) -> list[str]:

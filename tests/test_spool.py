@@ -30,6 +30,7 @@ from empath.spool import (
     SpoolWriter,
     is_message_id,
     new_message_id,
+    open_message,
     store,
 )
 from empath.spool.envelope import (
@@ -40,6 +41,7 @@ from empath.spool.envelope import (
     Attempt,
 )
 from empath.spool.ids import message_id_time
+from tests.harness import spool_data, spool_record
 
 
 def make_env(id: str, **kw: Any) -> Envelope:
@@ -106,7 +108,7 @@ def test_commit_then_reload_in_new_spool_is_byte_exact(spool: Spool) -> None:
     finally:
         again.close()
     assert listing(spool.tmp_dir) == []
-    assert listing(spool.queue_dir) == [f"{id}.env", f"{id}.msg"]
+    assert listing(spool.queue_dir) == [f"{id}.msg"]  # one file per message
 
 
 def test_commit_sets_size_and_envelope_file_is_versioned_json(spool: Spool) -> None:
@@ -115,7 +117,14 @@ def test_commit_sets_size_and_envelope_file_is_versioned_json(spool: Spool) -> N
     env = make_env(w.id, size=999)
     asyncio.run(spool.commit(w, env))
     assert env.size == len(MESSAGE) == w.size
-    raw = json.loads((spool.queue_dir / f"{w.id}.env").read_bytes())
+    # The file: the data, then the envelope as one JSON line, then its length.
+    entry = (spool.queue_dir / f"{w.id}.msg").read_bytes()
+    assert entry.startswith(MESSAGE)
+    line = entry[len(MESSAGE):-27]
+    assert entry[-27:] == b"empath-envelope %010d\n" % len(line)
+    assert line.endswith(b"}\n") and b"\n" not in line[:-1]
+    raw = json.loads(line)
+    assert raw == spool_record(spool.queue_dir, w.id)
     assert raw["version"] == ENVELOPE_VERSION == 2
     assert raw["id"] == w.id and raw["size"] == len(MESSAGE)
     assert [r["history"] for r in raw["recipients"]] == [[], []]
@@ -141,6 +150,7 @@ def test_modes(tmp_path: Path) -> None:
     try:
         for d in (s.root, s.tmp_dir, s.queue_dir, s.quarantine_dir):
             assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700, d
+        s.update(s.load(id))  # writes the changed envelope beside the message
         for p in (s.queue_dir / f"{id}.msg", s.queue_dir / f"{id}.env", w.path):
             assert stat.S_IMODE(os.lstat(p).st_mode) == 0o600, p
         w.abort()
@@ -266,13 +276,12 @@ def test_syscall_order_fsync_rename_dirsync_return(
 
     for id in ids:
         msg_ino = os.stat(spool.queue_dir / f"{id}.msg").st_ino  # rename keeps the inode
-        env_ino = os.stat(spool.queue_dir / f"{id}.env").st_ino
-        synced = max(index(("fsync-done", msg_ino)), index(("fsync-done", env_ino)))
+        synced = index(("fsync-done", msg_ino))
         ren_msg = index(("rename-start", f"{id}.msg", "queue"))
-        ren_env = index(("rename-start", f"{id}.env", "queue"))
-        # data first, so an envelope never points at missing data
-        assert synced < ren_msg < ren_env
-        renamed = index(("rename-done", f"{id}.env", "queue"))
+        # the name becomes durable only after the bytes it names
+        assert synced < ren_msg
+        assert not any(e[1] == f"{id}.env" for e in events if e[0].startswith("rename"))
+        renamed = index(("rename-done", f"{id}.msg", "queue"))
         returned = index(("returned", id))
         # some fsync of queue/ started after our renames and completed before return
         dir_starts = [i for i, e in enumerate(events) if e == ("fsync-start", queue_ino)]
@@ -359,7 +368,9 @@ def test_remove(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "unlink", unlink)
     spool.remove(a)
     monkeypatch.undo()
-    assert unlinked == [f"{a}.env", f"{a}.msg"]  # the envelope goes first
+    # The message file goes first: removing a changed envelope first could bring
+    # the message back, with its original envelope, after a crash in between.
+    assert unlinked == [f"{a}.msg", f"{a}.env"]
     assert spool.ids() == [b]
     with pytest.raises(FileNotFoundError):
         spool.remove(a)
@@ -367,6 +378,61 @@ def test_remove(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
         spool.load(a)
     asyncio.run(spool.remove_async(b))
     assert listing(spool.queue_dir) == []
+
+
+def test_changed_envelope_beside_the_message_wins_and_goes_with_it(spool: Spool) -> None:
+    """After an update the envelope lives in <id>.env (the .msg is never rewritten);
+    load and recovery read that one, the data stays the first ``size`` octets of the
+    .msg, and remove takes both files."""
+    id = commit_sync(spool, MESSAGE)
+    entry = (spool.queue_dir / f"{id}.msg").read_bytes()
+    env = spool.load(id)
+    env.recipients[0].state = "delivered"
+    spool.update(env)
+    assert (spool.queue_dir / f"{id}.msg").read_bytes() == entry
+    assert listing(spool.queue_dir) == [f"{id}.env", f"{id}.msg"]
+    assert spool.load(id).recipients[0].state == "delivered"
+    report = spool.recover()
+    assert report.ids == [id] and report.envelopes[id].recipients[0].state == "delivered"
+    with spool.open_data(id) as f:
+        assert f.read() == MESSAGE
+    spool.remove(id)
+    assert listing(spool.queue_dir) == []
+
+
+def test_spool_of_the_older_layout_is_read_as_it_is(spool: Spool) -> None:
+    """Spools written before one-file entries (data-only .msg beside its .env) are
+    recovered, loaded, read and changed without conversion."""
+    id = new_message_id()
+    (spool.queue_dir / f"{id}.msg").write_bytes(MESSAGE)
+    (spool.queue_dir / f"{id}.env").write_bytes(make_env(id, size=len(MESSAGE)).to_bytes())
+    assert spool.recover().ids == [id]
+    assert spool.ids() == [id]
+    with spool.open_data(id) as f:
+        assert f.read() == MESSAGE
+    env = spool.load(id)
+    env.held = True
+    spool.update(env)
+    assert spool.load(id).held is True
+    spool.remove(id)
+    assert listing(spool.queue_dir) == []
+
+
+def test_message_data_reader_stops_at_the_data(spool: Spool) -> None:
+    """What delivery reads (open_data, open_message): exactly the message, whatever
+    the chunk sizes, with seek back to the start for a second next hop."""
+    body = b"".join(b"line %05d\r\n" % i for i in range(20000))
+    id = commit_sync(spool, body)
+    with spool.open_data(id) as f:
+        assert f.read(7) == body[:7]
+        assert f.read() == body[7:]
+        assert f.read() == b""
+        f.seek(0)
+        assert b"".join(iter(lambda: f.read(4096), b"")) == body
+        f.seek(0)
+        assert list(f)[:2] == [b"line 00000\r\n", b"line 00001\r\n"]
+    with open_message(spool.queue_dir / f"{id}.msg", len(body)) as f:
+        assert f.read() == body
 
 
 @pytest.mark.parametrize(
@@ -389,20 +455,11 @@ def test_free_space(spool: Spool) -> None:
 # -- failures leave nothing ------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_at", [1, 2])
-def test_rename_failure_leaves_nothing(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch, fail_at: int
-) -> None:
+def test_rename_failure_leaves_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     keep = commit_sync(spool, MESSAGE)
-    calls = 0
-    real = store._rename
 
     def rename(src: Path, dst: Path) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == fail_at:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(src, dst)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store, "_rename", rename)
     w = spool.create()
@@ -411,7 +468,7 @@ def test_rename_failure_leaves_nothing(
         asyncio.run(spool.commit(w, make_env(w.id)))
     assert ei.value.errno == errno.ENOSPC
     assert listing(spool.tmp_dir) == []
-    assert listing(spool.queue_dir) == [f"{keep}.env", f"{keep}.msg"]
+    assert listing(spool.queue_dir) == [f"{keep}.msg"]
     w.abort()  # harmless afterwards
     assert spool.ids() == [keep]
 
@@ -548,8 +605,6 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
         return make_env(id, **kw).to_bytes()
 
     msg_only = pair(MESSAGE, None)
-    env_only = pair(None, env_bytes(new_message_id(), size=len(MESSAGE)))
-    (q / f"{env_only}.env").write_bytes(env_bytes(env_only, size=len(MESSAGE)))
     garbage = pair(MESSAGE, b"\x00\x01not json")
     truncated = pair(MESSAGE, env_bytes(new_message_id())[:40])
     size_bad = pair(MESSAGE, b"")
@@ -559,6 +614,21 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     obj = json.loads(env_bytes(wrong_version, size=len(MESSAGE)))
     obj["version"] = ENVELOPE_VERSION + 1
     (q / f"{wrong_version}.env").write_bytes(json.dumps(obj).encode())
+
+    # one-file entries (data, envelope line, trailer) gone wrong
+    def entry(id: str, line: bytes, data: bytes = MESSAGE) -> str:
+        (q / f"{id}.msg").write_bytes(data + line + b"empath-envelope %010d\n" % len(line))
+        return id
+
+    one_garbage = new_message_id()
+    entry(one_garbage, b"{not json}\n")
+    one_size_bad = new_message_id()
+    entry(one_size_bad, env_bytes(one_size_bad, size=len(MESSAGE) + 1))
+    one_wrong_id = entry(new_message_id(), env_bytes(good[1], size=len(MESSAGE)))
+    one_cut = new_message_id()  # the trailer claims more than the file holds
+    (q / f"{one_cut}.msg").write_bytes(MESSAGE + b"empath-envelope %010d\n" % 10**6)
+    # an envelope whose message file is gone: a removal interrupted between its unlinks
+    removed = pair(None, env_bytes(new_message_id(), size=len(MESSAGE)))
     (q / "README").write_text("hello")
     (q / f"{good[0].lower()}.msg").write_bytes(MESSAGE)  # not a valid id
     (q / "subdir").mkdir()
@@ -571,7 +641,11 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     assert report.removed_tmp == 3
     reasons = dict(report.quarantined)
     assert reasons[msg_only] == "data without envelope"
-    assert reasons[env_only] == "envelope without data"
+    assert removed not in reasons
+    assert reasons[one_garbage].startswith("corrupt envelope")
+    assert reasons[one_size_bad].startswith("size mismatch")
+    assert "holds id" in reasons[one_wrong_id]
+    assert reasons[one_cut] == "data without envelope"
     assert reasons[garbage].startswith("corrupt envelope")
     assert reasons[truncated].startswith("corrupt envelope")
     assert reasons[size_bad].startswith("size mismatch")
@@ -581,13 +655,15 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     assert reasons[f"{good[0].lower()}.msg"] == "unexpected file name"
     assert reasons["subdir"] == "not a regular file"
     assert reasons["adir"] == "unexpected directory in tmp/"
-    assert len(report.quarantined) == 11
+    assert len(report.quarantined) == 14
 
     assert listing(tmp) == []
-    assert listing(q) == sorted(f"{id}.{ext}" for id in good for ext in ("env", "msg"))
+    assert listing(q) == sorted(f"{id}.msg" for id in good)
     moved = set(listing(quar))
     assert {"README", "README.1", "subdir", "adir"} <= moved
-    assert {f"{msg_only}.msg", f"{env_only}.env"} <= moved
+    assert f"{msg_only}.msg" in moved and f"{removed}.env" not in moved
+    for id in (one_garbage, one_size_bad, one_wrong_id, one_cut):
+        assert f"{id}.msg" in moved
     for id in (garbage, truncated, size_bad, wrong_id, wrong_version):
         assert {f"{id}.msg", f"{id}.env"} <= moved
     assert (quar / "README.1").read_text() == "hello"
@@ -599,7 +675,8 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     # the survivors are intact and a second recovery finds nothing to do
     for id in good:
         with spool.open_data(id) as f:
-            assert f.read().startswith(MESSAGE)
+            assert f.read() == spool_data(q, id)
+        assert spool.load(id).size == len(MESSAGE) + 1
     assert spool.recover() == RecoveryReport(ids=good, removed_tmp=0, quarantined=[])
 
 

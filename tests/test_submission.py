@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import json
 import os
 import pty
 import re
@@ -44,6 +43,7 @@ from tests.harness import (
     free_port,
     queued_id,
     record_swaks,
+    spool_record,
     strip_received,
 )
 
@@ -159,7 +159,7 @@ async def send(c: RawClient, sender: str, rcpts: list[str], body: bytes) -> tupl
 
 
 def envelope(d: Daemon, qid: str) -> dict[str, Any]:
-    return json.loads((d.queue_dir / f"{qid}.env").read_text("utf-8"))
+    return spool_record(d.queue_dir, qid)
 
 
 def auth_keywords(lines: list[str]) -> list[str]:

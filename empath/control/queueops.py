@@ -1,7 +1,7 @@
 """Queue and route operations of the control plane, on a ``QueueManager`` and its ``Spool``.
 
 Reading (list, show, stats) loads envelopes from disk in a worker thread, so a
-large queue does not stall the event loop; only the ``.env`` records are read, never
+large queue does not stall the event loop; only the envelope records are read, never
 message bodies (``show`` reads the header block of one message).
 
 Changing a message (retry, hold, release, delete) follows one rule: the queue

@@ -57,7 +57,7 @@ from aiosmtplib.protocol import SMTPProtocol
 from empath import metrics
 from empath.config.model import TLSPolicy
 from empath.delivery.types import RcptResult, RcptStatus, Target
-from empath.spool import Envelope, Recipient
+from empath.spool import Envelope, Recipient, open_message
 
 __all__ = ["ClientSettings", "ConnectionPool", "deliver"]
 
@@ -919,12 +919,13 @@ async def deliver(env: Envelope, rcpts: list[Recipient], data_path: Path, target
     if not rcpts:
         return []
     try:
-        f = open(data_path, "rb")  # noqa: SIM115 (closed below, also on cancellation)
+        # The message's data: the first env.size octets of its queue file.
+        f = open_message(data_path, env.size)
     except OSError as exc:
         text = f"cannot open the queued message: {exc.strerror or exc}"
         return [RcptResult(r.address, "deferred", "4.3.0", text) for r in rcpts]
     try:
-        size = os.fstat(f.fileno()).st_size + len(prefix)
+        size = env.size + len(prefix)
         failures: list[_TargetFailed] = []
         for target in targets:
             key = ConnectionPool._key(target, settings)

@@ -57,7 +57,7 @@ from empath.config.model import DKIM_DEFAULT_HEADERS, Config
 from empath.delivery.dsn import DSN_METADATA_KEY
 from empath.secretfile import SecretFileError, read_secret
 from empath.smtp.policy import in_networks
-from empath.spool import Envelope
+from empath.spool import Envelope, open_message
 
 __all__ = [
     "DEFAULT_HEADERS",
@@ -330,10 +330,12 @@ class Signed:
     problem: bool = False  # not signed although it might have been ours to sign
 
 
-def sign_file(path: Path, keys: DkimKeys, chunk_size: int = CHUNK_SIZE) -> Signed:
-    """Sign the message in ``path`` if its From: domain has a key. Raises OSError, and
-    dkim.DKIMException for a header block dkimpy cannot parse."""
-    with open(path, "rb") as f:
+def sign_file(path: Path, keys: DkimKeys, chunk_size: int = CHUNK_SIZE,
+              size: int | None = None) -> Signed:
+    """Sign the message in ``path`` (its first ``size`` octets when given: a queue
+    file) if its From: domain has a key. Raises OSError, and dkim.DKIMException for a
+    header block dkimpy cannot parse."""
+    with open_message(path, size) as f:
         split = _read_header_block(f, chunk_size)
         if split is None:
             return Signed(b"", reason=f"header block over {MAX_HEADER_BYTES} bytes",
@@ -372,7 +374,7 @@ class DkimSigner:
             return b""
         task = self._cache.get(env.id)
         if task is None:
-            task = asyncio.ensure_future(self._sign(env.id, data_path, self.keys))
+            task = asyncio.ensure_future(self._sign(env.id, data_path, env.size, self.keys))
             self._cache[env.id] = task
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -381,9 +383,9 @@ class DkimSigner:
         # shield: one domain's delivery being cancelled must not cancel the others'.
         return await asyncio.shield(task)
 
-    async def _sign(self, id: str, data_path: Path, keys: DkimKeys) -> bytes:
+    async def _sign(self, id: str, data_path: Path, size: int, keys: DkimKeys) -> bytes:
         try:
-            signed = await asyncio.to_thread(sign_file, data_path, keys)
+            signed = await asyncio.to_thread(sign_file, data_path, keys, CHUNK_SIZE, size)
         except Exception as exc:
             # Unsigned beats stuck: a message whose header dkimpy cannot handle would
             # fail the same way at every retry until it bounced for lateness.

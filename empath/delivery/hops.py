@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from empath.spool import open_message
+
 __all__ = ["MAX_HOPS", "received_count"]
 
 MAX_HOPS = 50
@@ -17,14 +19,15 @@ MAX_HOPS = 50
 _HEADER_LIMIT = 1024 * 1024
 
 
-def received_count(path: Path) -> int:
-    """Number of ``Received:`` fields in the header of the message at ``path``.
+def received_count(path: Path, size: int | None = None) -> int:
+    """Number of ``Received:`` fields in the header of the message at ``path`` (its
+    first ``size`` octets when given: a queue file).
 
     Blocking (file I/O): call it from a worker thread.
     """
     count = 0
     read = 0
-    with path.open("rb") as f:
+    with open_message(path, size) as f:
         for line in f:
             read += len(line)
             if line in (b"\r\n", b"\n") or read > _HEADER_LIMIT:

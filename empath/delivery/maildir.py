@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from empath.delivery.types import RcptResult
-from empath.spool import Recipient
+from empath.spool import Recipient, open_message
 
 __all__ = ["deliver_maildir", "is_safe_local_part"]
 
@@ -38,7 +38,6 @@ CHUNK = 64 * 1024
 NAME_MAX = 255
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 _counter = itertools.count(1)
@@ -115,17 +114,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _copy(fd: int, data_path: Path, head: bytes) -> tuple[int, int]:
-    """Write ``head`` then the data file, CRLF → LF, in chunks. Returns (bytes written,
-    lines written): the file size and, with one more byte per line, its RFC 822 size."""
+def _copy(fd: int, data_path: Path, head: bytes, data_size: int | None) -> tuple[int, int]:
+    """Write ``head`` then the message data (the first ``data_size`` octets of the
+    file, or all of it), CRLF → LF, in chunks. Returns (bytes written, lines written):
+    the file size and, with one more byte per line, its RFC 822 size."""
     size = len(head)
     lines = head.count(b"\n")
     _write_all(fd, head)
-    src = os.open(data_path, _READ_FLAGS)
-    try:
+    with open_message(data_path, data_size) as src:
         carry = b""
         while True:
-            chunk = os.read(src, CHUNK)
+            chunk = src.read(CHUNK)
             if not chunk:
                 break
             buf = carry + chunk
@@ -141,13 +140,11 @@ def _copy(fd: int, data_path: Path, head: bytes) -> tuple[int, int]:
         if carry:
             _write_all(fd, carry)
             size += len(carry)
-    finally:
-        os.close(src)
     return size, lines
 
 
 def _deliver_one(
-    mailbox: Path, rcpt: str, data_path: Path, host: str, sender: str
+    mailbox: Path, rcpt: str, data_path: Path, host: str, sender: str, data_size: int | None
 ) -> Path:
     """One copy into ``mailbox``; returns its path in new/. Raises OSError with nothing
     left behind."""
@@ -162,7 +159,7 @@ def _deliver_one(
     new_path: Path | None = None
     try:
         try:
-            size, lines = _copy(fd, data_path, head)
+            size, lines = _copy(fd, data_path, head, data_size)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -180,7 +177,8 @@ def _deliver_one(
 
 
 def deliver_maildir(
-    root: Path, rcpts: list[Recipient], data_path: Path, *, hostname: str, sender: str
+    root: Path, rcpts: list[Recipient], data_path: Path, *, hostname: str, sender: str,
+    size: int | None = None,
 ) -> list[RcptResult]:
     """Deliver one message to ``root/<local-part>/`` for each recipient.
 
@@ -209,7 +207,7 @@ def deliver_maildir(
             continue
         mailbox = root / local
         try:
-            path = _deliver_one(mailbox, r.address, data_path, host, sender)
+            path = _deliver_one(mailbox, r.address, data_path, host, sender, size)
         except OSError as exc:
             what = exc.strerror or str(exc)
             where = f" ({exc.filename})" if exc.filename else ""

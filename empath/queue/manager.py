@@ -407,8 +407,7 @@ class QueueManager:
         hop_of: dict[str, str] = {}
         if due:
             self.events.fire("delivery_attempt", env, due=due)
-            data_path = self.spool.queue_dir / f"{id}.msg"
-            hops = await asyncio.to_thread(received_count, data_path)
+            hops = await asyncio.to_thread(received_count, self.spool.data_path(id), env.size)
             if hops > MAX_HOPS:
                 text = f"mail loop: message has {hops} Received: headers (limit {MAX_HOPS})"
                 bounced = [(r, RcptResult(r.address, "bounced", "5.4.6", text)) for r in due]
@@ -540,7 +539,7 @@ class QueueManager:
         self, env: Envelope, domain: str, rcpts: list[Recipient], route: Route
     ) -> list[RcptResult]:
         cfg = self.config
-        data_path = self.spool.queue_dir / f"{env.id}.msg"
+        data_path = self.spool.data_path(env.id)
         limiter = self._limiter(domain)
         if route.kind == "maildir":
             assert route.path is not None
@@ -548,7 +547,7 @@ class QueueManager:
             try:
                 return await asyncio.to_thread(
                     deliver_maildir, route.path, rcpts, data_path,
-                    hostname=cfg.hostname, sender=env.sender,
+                    hostname=cfg.hostname, sender=env.sender, size=env.size,
                 )
             finally:
                 limiter.release()
@@ -639,7 +638,7 @@ class QueueManager:
         if not results:
             return
         now = time.time()
-        with self.spool.open_data(env.id) as original:
+        with self.spool.open_data(env.id, env.size) as original:
             data = await asyncio.to_thread(
                 build_dsn, envelope=env, results=results, kind=kind, hostname=cfg.hostname,
                 original=original, now=now, recipient=to,

@@ -1,4 +1,5 @@
-"""The durable spool: accepted messages as data + envelope files under ``<state_dir>/spool``.
+"""The durable spool: one file per accepted message (data, then envelope) under
+``<state_dir>/spool``.
 
 ``Spool.commit`` is the point of no return: once it returns, the message survives a
 crash and the SMTP layer may answer 250. See ``empath.spool.store`` for the contract.
@@ -6,7 +7,7 @@ crash and the SMTP layer may answer 250. See ``empath.spool.store`` for the cont
 
 from empath.spool.envelope import CorruptEnvelope, Envelope, Recipient
 from empath.spool.ids import is_message_id, new_message_id
-from empath.spool.store import RecoveryReport, Spool, SpoolError, SpoolWriter
+from empath.spool.store import RecoveryReport, Spool, SpoolError, SpoolWriter, open_message
 
 __all__ = [
     "CorruptEnvelope",
@@ -18,4 +19,5 @@ __all__ = [
     "SpoolWriter",
     "is_message_id",
     "new_message_id",
+    "open_message",
 ]

@@ -1,6 +1,7 @@
 """The envelope record: everything about a queued message except its bytes.
 
-Stored as JSON in ``queue/<id>.env``. It is read back after crashes, possibly
+Stored as one JSON line after the data in ``queue/<id>.msg``, and in
+``queue/<id>.env`` once delivery has changed it. It is read back after crashes, possibly
 truncated or garbled, so ``from_bytes`` checks every field's type and value and
 reports any problem as ``CorruptEnvelope``, never as some other exception.
 
@@ -257,7 +258,7 @@ class Envelope:
     helo: str
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     authenticated: str | None = None
-    size: int = 0  # bytes of the .msg file
+    size: int = 0  # octets of message data (the start of the .msg file)
     body: str = "7BIT"  # 7BIT | 8BITMIME
     smtputf8: bool = False
     ret: str | None = None  # RFC 3461 RET

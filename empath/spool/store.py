@@ -3,15 +3,25 @@
 Layout under ``root`` (normally ``<state_dir>/spool``)::
 
     tmp/<id>.msg, tmp/<id>.env*   being written; never acknowledged; wiped at recovery
-    queue/<id>.msg                message data, exactly as it will be delivered
-    queue/<id>.env                envelope record (JSON); its presence makes the message exist
+    queue/<id>.msg                one file per message: the data exactly as it will be
+                                  delivered, then the envelope as received (one JSON
+                                  line), then a trailer giving that line's length
+    queue/<id>.env                the envelope as it is now (JSON), once delivery has
+                                  changed it; it takes precedence over the trailer
     quarantine/                   damaged entries moved aside by recovery
 
-Durability contract of ``commit``: when it returns, both files have been written,
+A message exists while ``queue/<id>.msg`` does; its data is the first
+``envelope.size`` octets of it. One file per message is one inode, one fsync and one
+rename at commit (the work Postfix does per message too); the envelope changes only
+when delivery tries recipients, and then ``<id>.env`` is written beside it.
+Spools written before this layout (``.msg`` with data only, beside an ``.env``) are
+read as they are: no trailer, and the ``.env`` says everything.
+
+Durability contract of ``commit``: when it returns, the file has been written,
 fsync'ed, renamed into ``queue/`` and ``queue/`` itself fsync'ed, in that order. Only
-then may the SMTP layer answer 250. Data is renamed before the envelope, so a crash
-between the two leaves a data file without envelope (quarantined at recovery), never
-an envelope pointing at missing data.
+then may the SMTP layer answer 250. Removal unlinks ``.msg`` first (the message stops
+existing), then ``.env``: the other order could bring the message back with its
+original envelope, all recipients pending, after a crash in between.
 
 Performance: the file work runs on a thread pool owned by the spool, so fsyncs never
 block the event loop and concurrent fsyncs overlap (the filesystem journal merges
@@ -27,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
@@ -42,7 +54,7 @@ from typing import BinaryIO, TypeVar
 from empath.spool.envelope import CorruptEnvelope, Envelope
 from empath.spool.ids import is_message_id, new_message_id
 
-__all__ = ["RecoveryReport", "Spool", "SpoolError", "SpoolWriter"]
+__all__ = ["RecoveryReport", "Spool", "SpoolError", "SpoolWriter", "open_message"]
 
 log = logging.getLogger("empath.spool")
 
@@ -54,6 +66,11 @@ FILE_MODE = 0o600
 # the many small chunks a DATA phase arrives in, bounded memory per session.
 WRITE_BUFFER = 64 * 1024
 DEFAULT_THREADS = 16
+
+# After the data and the envelope line in a queue file: that line's length.
+_TRAILER = b"empath-envelope %010d\n"
+_TRAILER_SIZE = len(_TRAILER % 0)
+_TRAILER_RE = re.compile(rb"empath-envelope (\d{10})\n")
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -109,6 +126,72 @@ def _spool_error(exc: BaseException, what: str) -> SpoolError:
     if isinstance(exc, OSError) and exc.errno is not None:
         return SpoolError(exc.errno, f"{what}: {exc.strerror}", exc.filename)
     return SpoolError(errno.EIO, f"{what}: {exc}")
+
+
+def _read_trailer(fd: int, file_size: int) -> tuple[int, bytes] | None:
+    """(data size, envelope line) of a queue file that ends in a trailer, else None
+    (a file of the older layout: data only)."""
+    if file_size < _TRAILER_SIZE:
+        return None
+    m = _TRAILER_RE.fullmatch(os.pread(fd, _TRAILER_SIZE, file_size - _TRAILER_SIZE))
+    if m is None:
+        return None
+    length = int(m.group(1))
+    start = file_size - _TRAILER_SIZE - length
+    if start < 0:
+        return None
+    line = os.pread(fd, length, start)
+    return (start, line) if len(line) == length else None
+
+
+class _Limited(io.RawIOBase):
+    """The first ``size`` octets of an open file: a message's data, not what follows."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.pread(self._fd, n, self._pos)
+        buffer[: len(got)] = got
+        self._pos += len(got)
+        return len(got)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        super().close()
+
+
+def open_message(path: Path, size: int | None = None) -> BinaryIO:
+    """Open a queued message's data for reading: the first ``size`` octets of the file
+    (the envelope's ``size``), or all of it when ``size`` is None (a plain file)."""
+    fd = os.open(path, _READ_FLAGS)
+    if size is None:
+        return os.fdopen(fd, "rb")
+    try:
+        raw = _Limited(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedReader(raw, 64 * 1024)  # type: ignore[return-value]
 
 
 class SpoolWriter:
@@ -292,7 +375,7 @@ class Spool:
                 raise _spool_error(exc.__cause__ or exc,
                                    f"cannot sync queue for message {id}") from exc
             except Exception as exc:
-                # _write_pair undid its own work; this also covers it never having run
+                # _write_entry undid its own work; this also covers it never having run
                 # (pool shut down).
                 writer._state = "aborted"
                 writer._close()
@@ -304,7 +387,7 @@ class Spool:
 
     def _commit_files(self, writer: SpoolWriter, env_bytes: bytes) -> None:
         """Thread: the whole commit after the event loop's checks."""
-        self._write_pair(writer, env_bytes)
+        self._write_entry(writer, env_bytes)
         try:
             self._queue_dir_synced(self._changed())
         except Exception as exc:
@@ -313,49 +396,34 @@ class Spool:
             self._unlink_committed(writer.id)
             raise _DirSyncFailed from exc
 
-    def _write_pair(self, writer: SpoolWriter, env_bytes: bytes) -> None:
-        """Thread: finish data, write envelope, fsync both, rename both. Undo on error."""
-        id = writer.id
+    def _write_entry(self, writer: SpoolWriter, env_bytes: bytes) -> None:
+        """Thread: finish the data, append envelope and trailer, fsync, rename. Undo
+        on error."""
         tmp_msg = writer.path
-        tmp_env = self.tmp_dir / f"{id}.env"
-        q_msg = self.queue_dir / f"{id}.msg"
-        q_env = self.queue_dir / f"{id}.env"
-        renamed: list[Path] = []
-        env_fd = -1
+        q_msg = self.queue_dir / f"{writer.id}.msg"
+        renamed = False
         try:
-            if writer._buf:
-                _write_all(writer._fd, writer._buf)
-                writer._buf.clear()
-            env_fd = os.open(tmp_env, _CREATE_FLAGS, FILE_MODE)
-            _write_all(env_fd, env_bytes)
-            # The envelope file exists before the first fsync, so its inode and name
-            # ride in the journal commit that fsync forces; its own fsync then only
-            # adds its data. fsync(file) before rename: a name must never become
-            # durable before the bytes it names.
+            buf = writer._buf
+            buf += env_bytes
+            buf += _TRAILER % len(env_bytes)
+            _write_all(writer._fd, buf)
+            buf.clear()
+            # fsync before rename: a name must never become durable before the bytes
+            # it names.
             _fsync(writer._fd)
-            _fsync(env_fd)
             writer._close()
-            os.close(env_fd)
-            env_fd = -1
-            # Data first: an envelope in queue/ must never point at missing data.
             _rename(tmp_msg, q_msg)
-            renamed.append(q_msg)
-            _rename(tmp_env, q_env)
-            renamed.append(q_env)
+            renamed = True
         except BaseException:
             writer._close()
-            if env_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(env_fd)
-            for p in reversed(renamed):  # envelope first, as in remove()
-                _unlink_quietly(p)
-            _unlink_quietly(tmp_env)
+            if renamed:
+                _unlink_quietly(q_msg)
             _unlink_quietly(tmp_msg)
             raise
 
     def _unlink_committed(self, id: str) -> None:
-        _unlink_quietly(self.queue_dir / f"{id}.env")
         _unlink_quietly(self.queue_dir / f"{id}.msg")
+        _unlink_quietly(self.queue_dir / f"{id}.env")
         with contextlib.suppress(OSError):
             self._sync_dir(self.queue_dir)
 
@@ -402,24 +470,38 @@ class Spool:
         with os.scandir(self.queue_dir) as it:
             for entry in it:
                 stem, dot, ext = entry.name.partition(".")
-                if dot and ext == "env" and is_message_id(stem) and stem not in self._inflight:
+                if dot and ext == "msg" and is_message_id(stem) and stem not in self._inflight:
                     ids.append(stem)
         ids.sort()
         return ids
 
     def load(self, id: str) -> Envelope:
         """Read an envelope. FileNotFoundError if absent, CorruptEnvelope if damaged."""
-        _, env_path = self._paths(id)
-        env = Envelope.from_bytes(_read_file(env_path))
+        msg_path, env_path = self._paths(id)
+        try:
+            raw = _read_file(env_path)  # changed since it was received
+            where = env_path
+        except FileNotFoundError:
+            _, found = _layout(msg_path)  # FileNotFoundError: no such message
+            if found is None:
+                raise CorruptEnvelope(f"{msg_path} has no envelope") from None
+            raw, where = found[1], msg_path
+        env = Envelope.from_bytes(raw)
         if env.id != id:
-            raise CorruptEnvelope(f"envelope {env_path} holds id {env.id}")
+            raise CorruptEnvelope(f"envelope in {where} holds id {env.id}")
         return env
 
-    def open_data(self, id: str) -> BinaryIO:
-        """Open the message data for reading (binary, unbuffered position at 0)."""
-        msg_path, _ = self._paths(id)
-        fd = os.open(msg_path, _READ_FLAGS)
-        return os.fdopen(fd, "rb")
+    def data_path(self, id: str) -> Path:
+        """The file a message's data is the first ``envelope.size`` octets of (see
+        ``open_message``)."""
+        return self._paths(id)[0]
+
+    def open_data(self, id: str, size: int | None = None) -> BinaryIO:
+        """Open a message's data for reading, ``size`` octets (the envelope's; read
+        from it when not given)."""
+        if size is None:
+            size = self.load(id).size
+        return open_message(self._paths(id)[0], size)
 
     def update(self, envelope: Envelope) -> None:
         """Atomically replace a committed message's envelope (blocking: fsyncs)."""
@@ -440,9 +522,9 @@ class Spool:
     def _prepare_update(self, envelope: Envelope) -> Path:
         msg_path, env_path = self._paths(envelope.id)
         # Refuse what recovery would quarantine, and never resurrect a removed message.
-        if not os.path.lexists(env_path):
-            raise FileNotFoundError(errno.ENOENT, "no such message", str(env_path))
-        size = os.stat(msg_path, follow_symlinks=False).st_size
+        if not os.path.lexists(msg_path):
+            raise FileNotFoundError(errno.ENOENT, "no such message", str(msg_path))
+        size, _ = _layout(msg_path)
         if envelope.size != size:
             raise ValueError(f"envelope size {envelope.size} != data size {size}")
         return env_path
@@ -462,7 +544,8 @@ class Spool:
             raise
 
     def remove(self, id: str) -> None:
-        """Delete a message: envelope first (it stops existing), then data, then sync."""
+        """Delete a message: its file first (it stops existing), then a changed
+        envelope if there is one, then sync."""
         self._remove_files(id)
         self._sync_dir(self.queue_dir)
 
@@ -477,11 +560,9 @@ class Spool:
 
     def _remove_files(self, id: str) -> None:
         msg_path, env_path = self._paths(id)
-        # FileNotFoundError if there is no envelope. A lone .msg is then left alone:
-        # at run time it is a commit between its two renames.
-        os.unlink(env_path)
+        os.unlink(msg_path)  # FileNotFoundError: no such message
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(msg_path)
+            os.unlink(env_path)
 
     def free_space(self) -> int:
         """Bytes available to an unprivileged writer on the spool's filesystem."""
@@ -568,7 +649,16 @@ class Spool:
 
         ids: list[str] = []
         envelopes: dict[str, Envelope] = {}
+        leftovers = False
         for id in sorted(pairs):
+            if pairs[id] == {"env"}:
+                # The changed envelope of a message whose file is gone: a removal
+                # interrupted between its two unlinks (or a file deleted by hand).
+                os.unlink(self.queue_dir / f"{id}.env")
+                leftovers = True
+                log.info("spool: removed the envelope of removed message %s", id,
+                         extra={"QUEUE_ID": id})
+                continue
             problem = self._check_entry(id, pairs[id], envelopes)
             if problem is None:
                 ids.append(id)
@@ -580,6 +670,7 @@ class Spool:
 
         if quarantined:
             self._sync_dir(self.quarantine_dir)
+        if quarantined or leftovers:
             self._sync_dir(self.queue_dir)
         return RecoveryReport(ids=ids, removed_tmp=removed_tmp, quarantined=quarantined,
                               envelopes=envelopes)
@@ -588,23 +679,24 @@ class Spool:
                      good: dict[str, Envelope]) -> str | None:
         """Why the queue entry ``id`` is not a complete message, or None if it is (and
         then its envelope is in ``good``)."""
-        if "env" not in exts:
-            return "data without envelope"
-        if "msg" not in exts:
-            return "envelope without data"
         msg_path, env_path = self._paths(id)
         try:
-            env = Envelope.from_bytes(_read_file(env_path))
+            size, found = _layout(msg_path)
+        except OSError as exc:
+            return f"unreadable data: {exc.strerror}"
+        try:
+            if "env" in exts:
+                env = Envelope.from_bytes(_read_file(env_path))
+            elif found is None:
+                return "data without envelope"
+            else:
+                env = Envelope.from_bytes(found[1])
         except CorruptEnvelope as exc:
             return f"corrupt envelope: {exc}"
         except OSError as exc:
             return f"unreadable envelope: {exc.strerror}"
         if env.id != id:
             return f"envelope holds id {env.id}"
-        try:
-            size = os.stat(msg_path, follow_symlinks=False).st_size
-        except OSError as exc:
-            return f"unreadable data: {exc.strerror}"
         if size != env.size:
             return f"size mismatch: envelope says {env.size}, data is {size}"
         good[id] = env
@@ -618,6 +710,17 @@ class Spool:
             n += 1
             dst = self.quarantine_dir / f"{name}.{n}"
         _rename(src_dir / name, dst)
+
+
+def _layout(msg_path: Path) -> tuple[int, tuple[int, bytes] | None]:
+    """(data size, trailer's (data size, envelope line) or None) of a queue file."""
+    fd = os.open(msg_path, _READ_FLAGS)
+    try:
+        file_size = os.fstat(fd).st_size
+        found = _read_trailer(fd, file_size)
+    finally:
+        os.close(fd)
+    return (file_size if found is None else found[0]), found
 
 
 def _read_file(path: Path) -> bytes:

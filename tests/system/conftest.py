@@ -286,7 +286,7 @@ class Empath:
 
     def queue_ids(self) -> set[str]:
         r = self.c.sh("ls /var/lib/empath/spool/queue/ 2>/dev/null", check=False)
-        return {n[:-4] for n in r.stdout.split() if n.endswith(".env")}
+        return {n[:-4] for n in r.stdout.split() if n.endswith(".msg")}
 
     def queue_files(self) -> set[str]:
         r = self.c.sh("ls /var/lib/empath/spool/queue/ 2>/dev/null", check=False)

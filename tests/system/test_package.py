@@ -263,7 +263,7 @@ def test_p5_upgrade_keeps_edited_config_and_queued_mail(
     assert c.show("empath.socket", "ActiveEnterTimestampMonotonic") == socket_since, \
         "empath.socket was restarted by the upgrade"
     assert first_greeting() == "220 upgraded.system.test ESMTP empath"
-    assert c.path(f"/var/lib/empath/spool/queue/{qid}.env").exists(), \
+    assert c.path(f"/var/lib/empath/spool/queue/{qid}.msg").exists(), \
         "the held message is gone from the spool after the upgrade"
 
     with sink("127.0.0.73", port) as s:
@@ -290,7 +290,7 @@ def test_p6_remove_keeps_config_and_spool_purge_removes_them(
         unit_journal(c)
     out = smtp.run(smtp.session("someone@elsewhere.test", "queued at remove"))
     assert out.accepted, out
-    spooled = f"/var/lib/empath/spool/queue/{out.queue_id}.env"
+    spooled = f"/var/lib/empath/spool/queue/{out.queue_id}.msg"
     assert c.path(spooled).exists()
 
     nspawn.apt(c, "remove", "empath").check()
