@@ -641,6 +641,10 @@ def test_16_deliveries_in_flight_per_destination_and_outbound_tls_versions(
     # the sink never answers the final dot: both stay in flight
     wait_for(lambda: value(scrape(d), "empath_destination_active_deliveries",
                            destination="slow.test") == 2, "two deliveries in flight")
+    # A delivery counts as active from the moment it has its slot; its session is
+    # counted once the connection is set up (after EHLO), a moment later.
+    wait_for(lambda: delta(before, scrape(d), "empath_delivery_tls_sessions_total",
+                           version="none") >= 2, "both plaintext sessions counted")
     after = scrape(d)
     assert value(after, "empath_queue_messages", state="active") == 2
     assert secure.delivered[0].tls

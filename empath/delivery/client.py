@@ -870,13 +870,22 @@ class _Transaction:
         tail = b""
         if self.prefix:  # whole header lines (DKIM-Signature), none starts with "."
             conn.write(self.prefix, stage)
-        while True:
+        # The envelope says how much there is: no read at EOF to find out. A message
+        # that fits in one chunk is read inline (from the page cache, just written):
+        # cheaper than handing the read to a thread and back; bigger ones are read
+        # in a thread, chunk by chunk.
+        left = self.size - len(self.prefix)
+        while left > 0:
             try:
-                chunk = await asyncio.to_thread(f.read, CHUNK_SIZE)
+                if left <= CHUNK_SIZE:
+                    chunk = f.read(left)
+                else:
+                    chunk = await asyncio.to_thread(f.read, CHUNK_SIZE)
             except OSError as exc:
                 raise _DataFileError(exc.strerror or str(exc)) from exc
             if not chunk:
-                break
+                raise _DataFileError("the queue file is shorter than its envelope says")
+            left -= len(chunk)
             out = chunk.replace(b"\n.", b"\n..")
             if at_line_start and chunk[:1] == b".":
                 out = b"." + out

@@ -23,7 +23,8 @@ def received_count(path: Path, size: int | None = None) -> int:
     """Number of ``Received:`` fields in the header of the message at ``path`` (its
     first ``size`` octets when given: a queue file).
 
-    Blocking (file I/O): call it from a worker thread.
+    Blocking, but small: it reads the header section only (at most 1 MiB), usually
+    from the page cache.
     """
     count = 0
     read = 0

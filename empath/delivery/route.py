@@ -130,6 +130,7 @@ class OwnIdentity:
 # --------------------------------------------------------------------------- identity
 
 
+@functools.lru_cache(maxsize=4096)  # parsed for every target of every delivery
 def _norm_ip(text: str) -> str | None:
     """Canonical text of an IP (brackets and IPv6 zone dropped, IPv4-mapped IPv6 as
     IPv4), or None if ``text`` is not an IP."""

@@ -100,7 +100,7 @@ def _fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _rename(src: Path, dst: Path) -> None:
+def _rename(src: str | Path, dst: str | Path) -> None:
     os.rename(src, dst)
 
 
@@ -180,7 +180,7 @@ class _Limited(io.RawIOBase):
         super().close()
 
 
-def open_message(path: Path, size: int | None = None) -> BinaryIO:
+def open_message(path: str | Path, size: int | None = None) -> BinaryIO:
     """Open a queued message's data for reading: the first ``size`` octets of the file
     (the envelope's ``size``), or all of it when ``size`` is None (a plain file)."""
     fd = os.open(path, _READ_FLAGS)
@@ -459,10 +459,13 @@ class Spool:
 
     # -- reading and changing committed messages ----------------------------
 
-    def _paths(self, id: str) -> tuple[Path, Path]:
+    def _paths(self, id: str) -> tuple[str, str]:
         if not is_message_id(id):
             raise ValueError(f"not a message id: {id!r}")
-        return self.queue_dir / f"{id}.msg", self.queue_dir / f"{id}.env"
+        # Plain strings: these are made for every load, delivery and removal, and a
+        # Path object costs more than the os call it is for.
+        base = f"{self.queue_dir}/{id}"
+        return base + ".msg", base + ".env"
 
     def ids(self) -> list[str]:
         """Committed message ids, oldest first."""
@@ -494,7 +497,7 @@ class Spool:
     def data_path(self, id: str) -> Path:
         """The file a message's data is the first ``envelope.size`` octets of (see
         ``open_message``)."""
-        return self._paths(id)[0]
+        return Path(self._paths(id)[0])
 
     def open_data(self, id: str, size: int | None = None) -> BinaryIO:
         """Open a message's data for reading, ``size`` octets (the envelope's; read
@@ -515,11 +518,11 @@ class Spool:
         data = envelope.to_bytes()
         await self._run(self._replace_env_synced, envelope.id, data, env_path)
 
-    def _replace_env_synced(self, id: str, data: bytes, env_path: Path) -> None:
+    def _replace_env_synced(self, id: str, data: bytes, env_path: str) -> None:
         self._replace_env(id, data, env_path)
         self._queue_dir_synced(self._changed())
 
-    def _prepare_update(self, envelope: Envelope) -> Path:
+    def _prepare_update(self, envelope: Envelope) -> str:
         msg_path, env_path = self._paths(envelope.id)
         # Refuse what recovery would quarantine, and never resurrect a removed message.
         if not os.path.lexists(msg_path):
@@ -529,7 +532,7 @@ class Spool:
             raise ValueError(f"envelope size {envelope.size} != data size {size}")
         return env_path
 
-    def _replace_env(self, id: str, data: bytes, env_path: Path) -> None:
+    def _replace_env(self, id: str, data: bytes, env_path: str) -> None:
         tmp = self.tmp_dir / f"{id}.env.{secrets.token_hex(8)}"
         fd = os.open(tmp, _CREATE_FLAGS, FILE_MODE)
         try:
@@ -712,7 +715,7 @@ class Spool:
         _rename(src_dir / name, dst)
 
 
-def _layout(msg_path: Path) -> tuple[int, tuple[int, bytes] | None]:
+def _layout(msg_path: str | Path) -> tuple[int, tuple[int, bytes] | None]:
     """(data size, trailer's (data size, envelope line) or None) of a queue file."""
     fd = os.open(msg_path, _READ_FLAGS)
     try:
@@ -723,7 +726,7 @@ def _layout(msg_path: Path) -> tuple[int, tuple[int, bytes] | None]:
     return (file_size if found is None else found[0]), found
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: str | Path) -> bytes:
     fd = os.open(path, _READ_FLAGS)
     try:
         chunks = []
