@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.harness import REPLIES, Daemon, base_config, free_port
+from tests.sinks import SinkLoop
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -38,6 +39,14 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.kill()
+
+
+@pytest.fixture
+def sinks() -> Iterator[SinkLoop]:
+    """A SinkLoop, closed (its sinks stopped) after the test."""
+    s = SinkLoop()
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,3 +314,30 @@ def queued_id(reply_text: str) -> str:
     m = re.search(r"queued as ([0-9A-Z]+)", reply_text)
     assert m, reply_text
     return m.group(1)
+
+
+def wait_until(pred: Callable[[], Any], what: str, d: Daemon | None = None,
+               timeout: float = 30.0) -> Any:
+    """Poll ``pred`` until it returns something true (returned); fail naming ``what``,
+    with the daemon's log when given."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{d.log()}" if d else ""))
+
+
+async def transaction(c: RawClient, sender: str, rcpts: list[str], body: bytes,
+                      mail_params: str = "") -> tuple[int, str]:
+    """MAIL/RCPT/DATA on an open session, each reply checked; returns the final reply."""
+    code, text = await c.cmd(f"MAIL FROM:<{sender}>{mail_params}")
+    assert (code, text[:5]) == (250, "2.1.0"), text
+    for r in rcpts:
+        code, text = await c.cmd(f"RCPT TO:<{r}>")
+        assert (code, text[:5]) == (250, "2.1.5"), (r, text)
+    code, text = await c.cmd("DATA")
+    assert code == 354, text
+    c.send(body + b".\r\n")
+    return await c.reply()

@@ -25,10 +25,12 @@ import contextlib
 import hashlib
 import itertools
 import ssl
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -560,3 +562,50 @@ def unused_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# ---- sinks on a background event loop ------------------------------------------------
+
+_T = TypeVar("_T")
+_Sink = TypeVar("_Sink", SMTPSink, LMTPSink, RawServer)
+
+
+class SinkLoop:
+    """Sinks on an event loop of their own, in a thread, so that they answer the daemon
+    while a test blocks waiting for it (the ``sinks`` fixture of tests/conftest.py)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.started: list[Any] = []
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 15.0) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, sink: _Sink) -> _Sink:
+        """Start ``sink`` on this loop; it is stopped at close()."""
+        started = self.run(sink.start())
+        self.started.append(started)
+        return started
+
+    def stop(self, sink: Any) -> None:
+        self.run(sink.stop())
+        self.started.remove(sink)
+
+    def close(self) -> None:
+        for sink in list(self.started):
+            self.stop(sink)
+        self.run(_cancel_others())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+async def _cancel_others() -> None:
+    """End sessions the sinks still serve (pooled client connections), cleanly."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

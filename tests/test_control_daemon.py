@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import select
@@ -21,18 +22,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import empath
-from tests.harness import REPO, Daemon, send_message
-from tests.sinks import SMTPSink, loopback, unused_port
-from tests.test_delivery import SinkLoop
+from tests.harness import REPO, Daemon, send_message, wait_until
+from tests.sinks import SinkLoop, SMTPSink, loopback, unused_port
 
 MakeDaemon = Callable[..., Daemon]
+# Deliveries on a retry schedule: these waits had a minute each.
+wait_for = functools.partial(wait_until, timeout=60.0)
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -60,16 +60,6 @@ def ok(d: Daemon, *args: str) -> str:
 
 def js(d: Daemon, *args: str) -> Any:
     return json.loads(ok(d, "--json", *args))
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(d: Daemon, rcpts: list[str], subject: str = "ctl") -> str:
@@ -105,17 +95,8 @@ def by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in rows}
 
 
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
-
-
 def start_sink(sinks: SinkLoop, host: str, port: int) -> SMTPSink:
-    sink = sinks.run(SMTPSink(host=host, port=port).start())
-    sinks.started.append(sink)
-    return sink
+    return sinks.start(SMTPSink(host=host, port=port))
 
 
 def delivered_to(sink: SMTPSink) -> list[str]:

@@ -17,7 +17,7 @@ import email.policy
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +33,9 @@ from tests.harness import (
     send_message,
     spool_ids,
     spool_record,
+    wait_until,
 )
-from tests.sinks import LMTPSink, Script, SMTPSink, make_tls
+from tests.sinks import LMTPSink, Script, SinkLoop, SMTPSink, make_tls
 
 T = TypeVar("T")
 MakeDaemon = Callable[..., Daemon]
@@ -75,55 +76,13 @@ SENDER = "alice@test.example"
 # ---- sinks on a background event loop ------------------------------------------------
 
 
-class SinkLoop:
-    """An event loop in a thread, for sinks that must answer while the test waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.started: list[Any] = []
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def smtp(self, name: str, script: Script | None = None, **kw: Any) -> SMTPSink:
-        sink = self.run(SMTPSink(script, host=IP[name], port=MX_PORT, **kw).start())
-        self.started.append(sink)
-        return sink
-
-    def lmtp(self, **kw: Any) -> LMTPSink:
-        sink = self.run(LMTPSink(host=IP["lmtp.host.test"], port=LMTP_PORT, **kw).start())
-        self.started.append(sink)
-        return sink
-
-    def stop(self, sink: Any) -> None:
-        self.run(sink.stop())
-        self.started.remove(sink)
-
-    def close(self) -> None:
-        for sink in list(self.started):
-            self.stop(sink)
-        self.run(_cancel_others())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+def mx_sink(sinks: SinkLoop, name: str, script: Script | None = None, **kw: Any) -> SMTPSink:
+    """An SMTP sink at ``name``'s address in the test DNS, on the MX port."""
+    return sinks.start(SMTPSink(script, host=IP[name], port=MX_PORT, **kw))
 
 
-async def _cancel_others() -> None:
-    """End sessions the sinks still serve (pooled client connections), cleanly."""
-    me = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not me]
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
+def lmtp_sink(sinks: SinkLoop, **kw: Any) -> LMTPSink:
+    return sinks.start(LMTPSink(host=IP["lmtp.host.test"], port=LMTP_PORT, **kw))
 
 
 # ---- the daemon, mail and the spool ------------------------------------------------
@@ -152,17 +111,6 @@ def mail(tmp_path: Path) -> Path:
     root = tmp_path / "mail"
     root.mkdir()
     return root
-
-
-def wait_until(pred: Callable[[], Any], what: str, d: Daemon | None = None,
-               timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n" + (d.log() if d else ""))
 
 
 def message(subject: str, extra_headers: bytes = b"") -> bytes:
@@ -278,7 +226,7 @@ def one_dsn(mail: Path, d: Daemon, user: str = "alice") -> EmailMessage:
 def test_01_mx_preference_delivers_to_the_best_mx(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1, mx2 = sinks.smtp("mx1.primary.test"), sinks.smtp("mx2.primary.test")
+    mx1, mx2 = mx_sink(sinks, "mx1.primary.test"), mx_sink(sinks, "mx2.primary.test")
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test"], "scenario 01")
     wait_until(lambda: gone(d, qid), "the message to leave the queue", d)
@@ -299,7 +247,7 @@ def test_01_mx_preference_delivers_to_the_best_mx(
 def test_02_secondary_mx_when_the_primary_is_down(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx2 = sinks.smtp("mx2.primary.test")  # nothing listens on mx1
+    mx2 = mx_sink(sinks, "mx2.primary.test")  # nothing listens on mx1
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test"], "scenario 02")
     wait_until(lambda: gone(d, qid), "delivery via the secondary", d)
@@ -310,7 +258,7 @@ def test_02_secondary_mx_when_the_primary_is_down(
 def test_03_a_record_fallback_without_mx(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    host = sinks.smtp("afallback.test")
+    host = mx_sink(sinks, "afallback.test")
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["carol@afallback.test"], "scenario 03")
     wait_until(lambda: gone(d, qid), "delivery to the domain's A record", d)
@@ -335,7 +283,7 @@ def test_04_null_mx_bounces_at_once_with_5_1_10(
 def test_05_tempfail_then_success_on_the_next_scheduled_attempt(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test", Script(
+    mx1 = mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "451 4.7.1 greylisted, try again later"}))
     d = start_daemon(make_daemon, dns_server, mail, retry_schedule=[2, 3600])
     qid = send(d, ["bob@primary.test"], "scenario 05")
@@ -353,7 +301,7 @@ def test_05_tempfail_then_success_on_the_next_scheduled_attempt(
 def test_06_permanent_failure_dsn_field_by_field(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(
+    mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "550 5.1.1 <bob@primary.test>: user unknown"}))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test"], "scenario 06")
@@ -382,7 +330,7 @@ def test_06_permanent_failure_dsn_field_by_field(
 def test_06b_failed_bounce_goes_to_postmaster_once(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(
+    mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "550 5.1.1 user unknown"}))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test"], "scenario 06b", sender="")  # itself a bounce
@@ -397,8 +345,8 @@ def test_06b_failed_bounce_goes_to_postmaster_once(
 def test_07_mixed_domains_one_bad_recipient_bounces_alone(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test")
-    other = sinks.smtp("afallback.test", Script(
+    mx1 = mx_sink(sinks, "mx1.primary.test")
+    other = mx_sink(sinks, "afallback.test", Script(
         rcpt_replies={"carol@afallback.test": "550 5.1.1 no such user"}))
     d = start_daemon(make_daemon, dns_server, mail)
     rcpts = ["bob@primary.test", "carol@afallback.test", "dave@primary.test", "eve@test.example"]
@@ -420,7 +368,7 @@ def test_07_mixed_domains_one_bad_recipient_bounces_alone(
 def test_08_backup_mx_relays_to_the_primary_and_best_mx_without_route_bounces(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    primary = sinks.smtp("mx1.backup.test")
+    primary = mx_sink(sinks, "mx1.backup.test")
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["x@backup.test"], "scenario 08 backup")
     wait_until(lambda: gone(d, qid), "relay to the primary MX", d)
@@ -439,7 +387,7 @@ def test_08_backup_mx_relays_to_the_primary_and_best_mx_without_route_bounces(
 def test_08b_next_hop_greeting_with_our_name_is_a_loop(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(hostname=OUR_NAME))
+    mx_sink(sinks, "mx1.primary.test", Script(hostname=OUR_NAME))
     d = start_daemon(make_daemon, dns_server, mail)
     send(d, ["bob@primary.test"], "scenario 08b")
     _, (block,) = report_fields(one_dsn(mail, d))
@@ -449,7 +397,7 @@ def test_08b_next_hop_greeting_with_our_name_is_a_loop(
 def test_08c_too_many_received_headers_bounce_as_a_loop(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test")
+    mx1 = mx_sink(sinks, "mx1.primary.test")
     d = start_daemon(make_daemon, dns_server, mail)
     hops = b"".join(b"Received: from h%d.example by h%d.example; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
                     % (i, i + 1) for i in range(50))
@@ -465,7 +413,7 @@ def test_08c_too_many_received_headers_bounce_as_a_loop(
 def test_09_notify_never_suppresses_the_bounce(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(
+    mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "550 5.1.1 user unknown"}))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send_with(d, f"MAIL FROM:<{SENDER}>", ["RCPT TO:<bob@primary.test> NOTIFY=NEVER"],
@@ -481,8 +429,8 @@ def test_09_notify_never_suppresses_the_bounce(
 def test_09b_dsn_parameters_pass_on_and_success_is_reported_when_they_cannot(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    with_dsn = sinks.smtp("mx1.primary.test", Script(dsn=True))
-    without = sinks.smtp("afallback.test", Script(dsn=False))
+    with_dsn = mx_sink(sinks, "mx1.primary.test", Script(dsn=True))
+    without = mx_sink(sinks, "afallback.test", Script(dsn=False))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send_with(
         d, f"MAIL FROM:<{SENDER}> RET=HDRS ENVID=env+2B09",
@@ -523,7 +471,7 @@ def test_09c_success_notice_for_final_delivery(
 def test_10_restart_keeps_each_next_attempt_time(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test", Script(
+    mx1 = mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "451 4.3.0 try later"}))
     d = start_daemon(make_daemon, dns_server, mail, retry_schedule=[4, 3600])
     qid = send(d, ["bob@primary.test"], "scenario 10")
@@ -547,8 +495,8 @@ def test_10_restart_keeps_each_next_attempt_time(
 def test_11_kill_9_during_delivery_delivers_everything_and_repeats_nothing_recorded(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    fast = sinks.smtp("mx1.primary.test")
-    slow = sinks.smtp("mx.slow.test", Script(hang_at="dot"))
+    fast = mx_sink(sinks, "mx1.primary.test")
+    slow = mx_sink(sinks, "mx.slow.test", Script(hang_at="dot"))
     d = start_daemon(make_daemon, dns_server, mail)
     qid = send(d, ["bob@primary.test", "sue@slow.test"], "scenario 11")
     wait_rcpt(d, qid, "bob@primary.test", "bob recorded as delivered",
@@ -557,7 +505,7 @@ def test_11_kill_9_during_delivery_delivers_everything_and_repeats_nothing_recor
                "the slow server holding the final dot", d)
     d.kill()  # kill -9, supervisor and workers, with sue's delivery in flight
     sinks.stop(slow)
-    slow_again = sinks.smtp("mx.slow.test")
+    slow_again = mx_sink(sinks, "mx.slow.test")
     d.start()
     wait_until(lambda: gone(d, qid), "sue's delivery after the restart", d)
     assert len(fast.delivered) == 1  # recorded as delivered: never sent again
@@ -567,7 +515,7 @@ def test_11_kill_9_during_delivery_delivers_everything_and_repeats_nothing_recor
 def test_11b_kill_9_mid_stream_many_messages(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test", Script(pipelining=True))
+    mx1 = mx_sink(sinks, "mx1.primary.test", Script(pipelining=True))
     d = start_daemon(make_daemon, dns_server, mail)
     ids = [send(d, ["bob@primary.test"], f"bulk {i}") for i in range(60)]
     wait_until(lambda: len(mx1.delivered) >= 15, "some deliveries", d)
@@ -601,8 +549,8 @@ def test_12_tls_verify_delivers_over_verified_tls_and_encrypt_defers_without_it(
     tmp_path: Path,
 ) -> None:
     tls = make_tls(tmp_path / "tls", "mx.tls.test")
-    secure = sinks.smtp("mx.tls.test", Script(starttls=True), tls=tls.server_context)
-    plain = sinks.smtp("afallback.test", Script(starttls=False))
+    secure = mx_sink(sinks, "mx.tls.test", Script(starttls=True), tls=tls.server_context)
+    plain = mx_sink(sinks, "afallback.test", Script(starttls=False))
     d = start_daemon(
         make_daemon, dns_server, mail, env={"SSL_CERT_FILE": str(tls.ca_file)},
         destinations={"tls.test": {"tls": "verify"}, "afallback.test": {"tls": "encrypt"}},
@@ -624,7 +572,7 @@ def test_12_tls_verify_delivers_over_verified_tls_and_encrypt_defers_without_it(
 def test_13_per_destination_concurrency_limit(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test")
+    mx1 = mx_sink(sinks, "mx1.primary.test")
     peak = [0]
     stop = threading.Event()
 
@@ -654,7 +602,7 @@ def test_13b_circuit_breaker_stops_trying_a_dead_host(
     r = wait_rcpt(d, qid, "x@down.test", "the breaker to open",
                   lambda r: "circuit breaker" in (r["last_error"] or ""))
     assert r["attempts"] == 3  # two refused connections, then not tried
-    host = sinks.smtp("mx.down.test")  # it comes back, but the breaker is open
+    host = mx_sink(sinks, "mx.down.test")  # it comes back, but the breaker is open
     wait_rcpt(d, qid, "x@down.test", "more attempts", lambda r: r["attempts"] >= 5)
     assert host.connections == 0
 
@@ -665,7 +613,7 @@ def test_13b_circuit_breaker_stops_trying_a_dead_host(
 def test_14_lmtp_route_reads_one_reply_per_recipient(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    lmtp = sinks.lmtp(data_replies={"full@lmtp.test": "552 5.2.2 mailbox full"})
+    lmtp = lmtp_sink(sinks, data_replies={"full@lmtp.test": "552 5.2.2 mailbox full"})
     d = start_daemon(make_daemon, dns_server, mail,
                      routes={"test.example": f"maildir:{mail}",
                              "lmtp.test": f"lmtp:lmtp.host.test:{LMTP_PORT}"})
@@ -680,7 +628,7 @@ def test_14_lmtp_route_reads_one_reply_per_recipient(
 def test_15_smtputf8_mail_to_a_server_without_it_bounces_5_6_7(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test", Script(smtputf8=False))
+    mx1 = mx_sink(sinks, "mx1.primary.test", Script(smtputf8=False))
     d = start_daemon(make_daemon, dns_server, mail)
     body = "From: alice@test.example\r\nSubject: grüße\r\n\r\nHallo.\r\n".encode()
     send_with(d, f"MAIL FROM:<{SENDER}> SMTPUTF8 BODY=8BITMIME",
@@ -696,7 +644,7 @@ def test_15_smtputf8_mail_to_a_server_without_it_bounces_5_6_7(
 def test_16_max_queue_lifetime_bounces_the_rest(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(
+    mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "451 4.2.1 mailbox busy"}))
     d = start_daemon(make_daemon, dns_server, mail, max_queue_lifetime=2)
     qid = send(d, ["bob@primary.test"], "scenario 16")
@@ -710,7 +658,7 @@ def test_16_max_queue_lifetime_bounces_the_rest(
 def test_17_delay_warning_once(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    sinks.smtp("mx1.primary.test", Script(
+    mx_sink(sinks, "mx1.primary.test", Script(
         rcpt_replies={"bob@primary.test": "451 4.2.1 mailbox busy"}))
     d = start_daemon(make_daemon, dns_server, mail, delay_warning=1)
     qid = send(d, ["bob@primary.test"], "scenario 17")
@@ -730,7 +678,7 @@ def test_17_delay_warning_once(
 def test_18_hold_keeps_mail_until_a_reload_to_mx(
     make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop, mail: Path
 ) -> None:
-    mx1 = sinks.smtp("mx1.primary.test")
+    mx1 = mx_sink(sinks, "mx1.primary.test")
     d = start_daemon(make_daemon, dns_server, mail, mode="hold")
     qid = send(d, ["bob@primary.test"], "scenario 18")
     time.sleep(1.0)

@@ -46,9 +46,8 @@ from empath.delivery import dkim as edkim
 from empath.dkimkeygen import generate
 from tests.conftest import IN_CI, require_tool
 from tests.dnsmasq import find_dnsmasq
-from tests.harness import REPO, Daemon, RawClient, base_config, free_port, send_message
-from tests.sinks import Script, SMTPSink, loopback
-from tests.test_delivery import SinkLoop
+from tests.harness import REPO, Daemon, RawClient, base_config, free_port, send_message, wait_until
+from tests.sinks import Script, SinkLoop, SMTPSink, loopback
 
 MakeDaemon = Callable[..., Daemon]
 HOSTNAME = "mx.test.example"  # the harness's; DSNs come From: MAILER-DAEMON@ it
@@ -116,17 +115,6 @@ def mail(subject: str, sender: str = "Alice <alice@test.example>", to: str = "bo
             f"Message-ID: <{subject.replace(' ', '.')}@test.example>\r\n\r\n{body}").encode()
 
 
-def wait_for(check: Callable[[], Any], what: str, d: Daemon | None = None,
-             timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n" + (d.log() if d else ""))
-
-
 def received(sink: SMTPSink, marker: bytes) -> bytes | None:
     for t in list(sink.transactions):
         if t.data is not None and marker in t.data:
@@ -180,17 +168,8 @@ def dkim_config(key: Key, sinks: dict[str, SMTPSink], **delivery: Any) -> dict[s
     }
 
 
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
-
-
 def start_sink(loop: SinkLoop, script: Script | None = None) -> SMTPSink:
-    sink = loop.run(SMTPSink(script, host=loopback(), port=free_port()).start())
-    loop.started.append(sink)
-    return sink
+    return loop.start(SMTPSink(script, host=loopback(), port=free_port()))
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -391,11 +370,11 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SignedRun]:
         # bob@partner.test is the sender: the DSN goes to the partner's MX.
         send(d, mail("bounces", sender="bob@partner.test", to="nobody@reject.test"),
              rcpt="nobody@reject.test", sender="bob@partner.test")
-        got_partner = {m: wait_for(lambda m=m: received(partner, m.encode()), m, d)
+        got_partner = {m: wait_until(lambda m=m: received(partner, m.encode()), m, d)
                        for m in ("relayed", "subdomain", "nokey")}
-        got_mailbox = {m: wait_for(lambda m=m: received(mailbox, m.encode()), m, d)
+        got_mailbox = {m: wait_until(lambda m=m: received(mailbox, m.encode()), m, d)
                        for m in ("inside", "outside")}
-        dsn = wait_for(lambda: next((t.data for t in list(partner.transactions)
+        dsn = wait_until(lambda: next((t.data for t in list(partner.transactions)
                                      if t.mail.startswith("FROM:<>") and t.data), None),
                        "the DSN", d)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
@@ -561,7 +540,7 @@ def test_reload_switches_to_a_new_key_and_refuses_a_bad_one(
     partner = start_sink(sinks)
     d = make_daemon(**dkim_config(old, {"partner.test": partner}))
     send(d, mail("first"))
-    first = wait_for(lambda: received(partner, b"first"), "first", d)
+    first = wait_until(lambda: received(partner, b"first"), "first", d)
     assert verifies(first, old)
 
     new = make_key(tmp_path / "keys", "test.example", "s2")
@@ -572,13 +551,13 @@ def test_reload_switches_to_a_new_key_and_refuses_a_bad_one(
     assert refused.returncode == 1
     assert "dkim[test.example].key" in refused.stderr
     send(d, mail("second"))
-    second = wait_for(lambda: received(partner, b"second"), "second", d)
+    second = wait_until(lambda: received(partner, b"second"), "second", d)
     assert verifies(second, old), "a refused reload changes nothing"
 
     new.path.chmod(0o640)
     assert ctl(d, "reload", "--wait").returncode == 0
     send(d, mail("third"))
-    third = wait_for(lambda: received(partner, b"third"), "third", d)
+    third = wait_until(lambda: received(partner, b"third"), "third", d)
     assert signature_tags(third)["s"] == "s2"
     assert verifies(third, new)
     assert not verifies(third, Key(old.path, old.record, "s2", "test.example"))
@@ -599,7 +578,7 @@ def test_reload_with_a_changed_key_file_applies_to_mail_already_queued(
     d.config["delivery"]["mode"] = "mx"
     d.write_config()
     assert ctl(d, "reload", "--wait").returncode == 0
-    held = wait_for(lambda: received(partner, b"held"), "the held message", d)
+    held = wait_until(lambda: received(partner, b"held"), "the held message", d)
     assert verifies(held, new)
     assert not verifies(held, old)
 

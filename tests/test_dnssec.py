@@ -24,10 +24,8 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,8 +38,16 @@ from empath.delivery.route import OwnIdentity, Route, resolve_route
 from empath.spool.envelope import Attempt, Envelope, Recipient
 from empath.spool.ids import new_message_id
 from tests.dnssec import DnssecLab, Zone, dnssec_fixture, require_tools
-from tests.harness import REPO, Daemon, free_port, queued_id, send_message, spool_record
-from tests.sinks import SMTPSink
+from tests.harness import (
+    REPO,
+    Daemon,
+    free_port,
+    queued_id,
+    send_message,
+    spool_record,
+    wait_until,
+)
+from tests.sinks import SinkLoop, SMTPSink
 
 T = TypeVar("T")
 MakeDaemon = Callable[..., Daemon]
@@ -293,56 +299,9 @@ def test_attempt_dnssec_round_trips_and_old_entries_still_load() -> None:
 # ---- the real daemon ------------------------------------------------------------------
 
 
-class SinkLoop:
-    """SMTP sinks on an event loop in a thread, answering while the test waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.sinks: list[SMTPSink] = []
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
-
-    def smtp(self, host: str) -> SMTPSink:
-        sink = self.run(SMTPSink(host=host, port=MX_PORT).start())
-        self.sinks.append(sink)
-        return sink
-
-    def close(self) -> None:
-        for sink in self.sinks:
-            self.run(sink.stop())
-        self.run(_cancel_sessions())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-async def _cancel_sessions() -> None:
-    """End the sessions the sinks still serve (the daemon's pooled connections)."""
-    me = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not me]
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
-
-
-def wait_until(pred: Callable[[], Any], what: str, d: Daemon, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n{d.log()}")
+def mx_sink(sinks: SinkLoop, name: str) -> SMTPSink:
+    """An SMTP sink at ``name``'s address, on the port every MX is reached at."""
+    return sinks.start(SMTPSink(host=IP[name], port=MX_PORT))
 
 
 def ctl(d: Daemon, *args: str) -> str:
@@ -388,8 +347,8 @@ def metric(body: str, name: str, **labels: str) -> float:
 def test_daemon_records_dnssec_per_attempt_and_require_defers(
     make_daemon: MakeDaemon, lab: DnssecLab, sinks: SinkLoop, tmp_path: Path,
 ) -> None:
-    signed, unsigned = sinks.smtp(IP["mx.signed.test"]), sinks.smtp(IP["mx.unsigned.test"])
-    bogus, routed = sinks.smtp(IP["mx.bogus.test"]), sinks.smtp(IP["routed"])
+    signed, unsigned = mx_sink(sinks, "mx.signed.test"), mx_sink(sinks, "mx.unsigned.test")
+    bogus, routed = mx_sink(sinks, "mx.bogus.test"), mx_sink(sinks, "routed")
     metrics_port = free_port()
     delivery = {
         "mode": "mx",

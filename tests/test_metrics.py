@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,7 @@ from empath.smtp.server import refusal_reason
 from tests.conftest import IN_CI, require_tool
 from tests.dnsmasq import DnsmasqServer, dnsmasq_fixture
 from tests.harness import REPO, Daemon, RawClient, free_port, send_message
-from tests.sinks import Script, SMTPSink, make_tls
-from tests.test_delivery import SinkLoop
+from tests.sinks import Script, SinkLoop, SMTPSink, make_tls
 
 MakeDaemon = Callable[..., Daemon]
 TOKEN = "scrape-me-3f9a"
@@ -49,13 +48,6 @@ dns_server = dnsmasq_fixture(
 
 
 # ---- helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
 
 
 def token_file(d: Daemon, mode: int = 0o600) -> Path:
@@ -148,10 +140,9 @@ async def session(port: int, *commands: str) -> list[tuple[int, str]]:
 
 def test_01_counters_move_by_exactly_what_was_sent_rejected_and_delivered(
         make_daemon: MakeDaemon, sinks: SinkLoop) -> None:
-    ok = sinks.run(SMTPSink().start())
-    soft = sinks.run(SMTPSink(Script(data_reply="451 4.3.0 try again later")).start())
-    hard = sinks.run(SMTPSink(Script(data_reply="550 5.7.1 we do not want it")).start())
-    sinks.started += [ok, soft, hard]
+    ok = sinks.start(SMTPSink())
+    soft = sinks.start(SMTPSink(Script(data_reply="451 4.3.0 try again later")))
+    hard = sinks.start(SMTPSink(Script(data_reply="550 5.7.1 we do not want it")))
     d = metrics_daemon(
         make_daemon, relay_networks=[], local_domains=["ok.test", "soft.test", "hard.test"],
         limits={"max_recipients": 3, "max_message_size": 20_000},
@@ -504,8 +495,7 @@ def test_11_queue_gauges_follow_hold_and_delete(make_daemon: MakeDaemon) -> None
 
 def test_12_dns_lookups_cache_hits_and_circuit_breakers(
         make_daemon: MakeDaemon, dns_server: DnsmasqServer, sinks: SinkLoop) -> None:
-    sink = sinks.run(SMTPSink(host="127.0.0.1").start())
-    sinks.started.append(sink)
+    sink = sinks.start(SMTPSink(host="127.0.0.1"))
     dead = free_port()
     d = metrics_daemon(make_daemon, local_domains=[], delivery={
         "mode": "mx", "nameservers": [dns_server.nameserver], "mx_port": sink.port,
@@ -621,9 +611,8 @@ def test_15_every_metric_is_exported_with_help_and_type(make_daemon: MakeDaemon)
 def test_16_deliveries_in_flight_per_destination_and_outbound_tls_versions(
         make_daemon: MakeDaemon, sinks: SinkLoop, tmp_path: Path) -> None:
     tls = make_tls(tmp_path / "tls", "127.0.0.1")
-    secure = sinks.run(SMTPSink(Script(starttls=True), tls=tls.server_context).start())
-    slow = sinks.run(SMTPSink(Script(hang_at="dot")).start())
-    sinks.started += [secure, slow]
+    secure = sinks.start(SMTPSink(Script(starttls=True), tls=tls.server_context))
+    slow = sinks.start(SMTPSink(Script(hang_at="dot")))
     d = metrics_daemon(make_daemon, local_domains=["tls.test", "slow.test"], delivery={
         "mode": "mx", "retry_schedule": [3600],
         "routes": {"tls.test": f"smtp:{secure.host}:{secure.port}",

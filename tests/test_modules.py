@@ -8,6 +8,7 @@ entry point.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -15,9 +16,8 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from tests.harness import (
     queued_id,
     send_message,
     spool_record,
+    wait_until,
 )
-from tests.sinks import Script, SMTPSink
-from tests.test_delivery import SinkLoop
+from tests.sinks import Script, SinkLoop, SMTPSink
 
 MakeDaemon = Callable[..., Daemon]
+# Module hooks, restarts and reloads: these waits had a minute each.
+wait_long = functools.partial(wait_until, timeout=60.0)
 PROBE = "tests.modfixtures:Probe"
 LENIENT = "tests.modfixtures:Lenient"
 EXAMPLE = REPO / "examples" / "empath-example-module"
@@ -57,17 +59,6 @@ def records(path: Path, event: str | None = None) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     return [r for r in rows if event is None or r["event"] == event]
-
-
-def wait_for(pred: Callable[[], Any], what: str, d: Daemon | None = None,
-             timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{d.log()}" if d else ""))
 
 
 def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,17 +90,8 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-@pytest.fixture
-def sinks() -> Iterator[SinkLoop]:
-    s = SinkLoop()
-    yield s
-    s.close()
-
-
 def sink(sinks: SinkLoop, script: Script | None = None) -> SMTPSink:
-    s = sinks.run(SMTPSink(script, host="127.0.0.1").start())
-    sinks.started.append(s)
-    return s
+    return sinks.start(SMTPSink(script, host="127.0.0.1"))
 
 
 # ---- the API's own checks ------------------------------------------------------------
@@ -386,7 +368,7 @@ def test_metadata_set_at_data_reaches_the_delivery_events_after_a_restart(
     head = spooled.split(b"\r\n\r\n", 1)[0]
     assert head.index(b"X-Probe-Mail: on-mail") < head.index(b"X-Probe-Data: on-data") \
         < head.index(b"Subject: persisted")
-    wait_for(lambda: records(rec, "received"), "the received event", d)
+    wait_long(lambda: records(rec, "received"), "the received event", d)
     assert records(rec, "received")[0]["metadata"] == expected
 
     # A restart in between: the context comes back from the spool.
@@ -403,7 +385,7 @@ def test_metadata_set_at_data_reaches_the_delivery_events_after_a_restart(
         return {r["recipient"]: r for r in records(rec)
                 if r.get("queue_id") == qid and r["event"] in ("delivered", "bounced", "deferred")}
 
-    wait_for(lambda: len(outcomes()) == 3, "three outcomes", d)
+    wait_long(lambda: len(outcomes()) == 3, "three outcomes", d)
     got = outcomes()
     assert {a: r["event"] for a, r in got.items()} == {
         "ok@remote.test": "delivered", "gone@remote.test": "bounced",
@@ -422,7 +404,7 @@ def test_metadata_set_at_data_reaches_the_delivery_events_after_a_restart(
     d.config["delivery"]["max_queue_lifetime"] = 1
     reload(d)
     assert ctl(d, "queue", "retry", qid).returncode == 0
-    wait_for(lambda: [r["event"] for r in records(rec) if r.get("queue_id") == qid
+    wait_long(lambda: [r["event"] for r in records(rec) if r.get("queue_id") == qid
                       and r["recipient"] == "later@remote.test"][-2:] == ["expired", "bounced"],
              "later@ to expire", d)
     expired = next(r for r in records(rec, "expired") if r.get("queue_id") == qid)
@@ -565,7 +547,7 @@ def test_example_package_is_loaded_by_its_entry_point(
         return queued_id(text)
 
     qid = run(main())
-    line = wait_for(lambda: records(audit, "delivered"), "the audit line", d)[0]
+    line = wait_long(lambda: records(audit, "delivered"), "the audit line", d)[0]
     delivered = remote.delivered[0].data or b""
     m = re.search(rb"\r\nX-Audit-Id: ([0-9a-f]{32})\r\n", delivered)
     assert m, delivered[:400]

@@ -35,6 +35,7 @@ from tests.harness import (
     send_message,
     spool_record,
     strip_received,
+    transaction,
 )
 
 HOST = "mx.test.example"
@@ -134,20 +135,6 @@ async def connect(d: Daemon, context: str, *, port: int | None = None) -> RawCli
     c = await RawClient.connect(port or d.smtp_port, context)
     await c.greet()
     return c
-
-
-async def transaction(c: RawClient, sender: str, rcpts: list[str], body: bytes,
-                      mail_params: str = "") -> tuple[int, str]:
-    """MAIL/RCPT/DATA on an open session, each reply checked; returns the final reply."""
-    code, text = await c.cmd(f"MAIL FROM:<{sender}>{mail_params}")
-    assert (code, text[:5]) == (250, "2.1.0"), text
-    for r in rcpts:
-        code, text = await c.cmd(f"RCPT TO:<{r}>")
-        assert (code, text[:5]) == (250, "2.1.5"), (r, text)
-    code, text = await c.cmd("DATA")
-    assert code == 354, text
-    c.send(body + b".\r\n")
-    return await c.reply()
 
 
 async def nothing_more(c: RawClient, wait: float = 0.3) -> bool:

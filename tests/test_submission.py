@@ -45,6 +45,7 @@ from tests.harness import (
     record_swaks,
     spool_record,
     strip_received,
+    transaction,
 )
 
 MakeDaemon = Callable[..., Daemon]
@@ -146,18 +147,6 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-async def send(c: RawClient, sender: str, rcpts: list[str], body: bytes) -> tuple[int, str]:
-    code, text = await c.cmd(f"MAIL FROM:<{sender}>")
-    assert (code, text[:5]) == (250, "2.1.0"), text
-    for r in rcpts:
-        code, text = await c.cmd(f"RCPT TO:<{r}>")
-        assert (code, text[:5]) == (250, "2.1.5"), (r, text)
-    code, text = await c.cmd("DATA")
-    assert code == 354, text
-    c.send(body + b".\r\n")
-    return await c.reply()
-
-
 def envelope(d: Daemon, qid: str) -> dict[str, Any]:
     return spool_record(d.queue_dir, qid)
 
@@ -242,7 +231,7 @@ def test_auth_plain_and_login_then_relay(make_daemon: MakeDaemon, tmp_path: Path
         assert (code, text[:5]) == (235, "2.7.0"), text
         code, text = await c.cmd("AUTH PLAIN " + plain_token("alice", "correct horse"))
         assert (code, text[:5]) == (503, "5.5.1"), text  # once per session
-        code, text = await send(c, "alice@test.example", [FOREIGN, "x@test.example"], BODY)
+        code, text = await transaction(c, "alice@test.example", [FOREIGN, "x@test.example"], BODY)
         assert code == 250, text
         ids.append(queued_id(text))
         await c.cmd("QUIT")
@@ -254,7 +243,7 @@ def test_auth_plain_and_login_then_relay(make_daemon: MakeDaemon, tmp_path: Path
         code, text = await c.cmd(plain_token("bob@test.example", "p4ss wörd",
                                              authzid="bob@test.example"))
         assert (code, text[:5]) == (235, "2.7.0"), text
-        code, text = await send(c, "bob@test.example", [FOREIGN], FULL_BODY)
+        code, text = await transaction(c, "bob@test.example", [FOREIGN], FULL_BODY)
         assert code == 250, text
         ids.append(queued_id(text))
         await c.close()
@@ -272,7 +261,7 @@ def test_auth_plain_and_login_then_relay(make_daemon: MakeDaemon, tmp_path: Path
         assert await c.reader.readline() == b"334 UGFzc3dvcmQ6\r\n"
         code, text = await c.cmd(b64("correct horse"))
         assert (code, text[:5]) == (235, "2.7.0"), text
-        code, text = await send(c, "alice@test.example", [FOREIGN], BODY)
+        code, text = await transaction(c, "alice@test.example", [FOREIGN], BODY)
         assert code == 250, text
         ids.append(queued_id(text))
         await c.close()
@@ -297,17 +286,17 @@ def test_submitted_mail_gets_message_id_and_date(make_daemon: MakeDaemon,
         c, _ = await tls_session(d, "fixup")
         code, text = await c.cmd(f"AUTH PLAIN {plain_token('alice', 'correct horse')}")
         assert code == 235, text
-        code, text = await send(c, "alice@test.example", [FOREIGN], BODY)
+        code, text = await transaction(c, "alice@test.example", [FOREIGN], BODY)
         assert code == 250, text
         missing_both = queued_id(text)
         only_date = b"Date: Tue, 2 Jan 2024 10:00:00 +0100\r\n" + BODY
-        code, text = await send(c, "alice@test.example", [FOREIGN], only_date)
+        code, text = await transaction(c, "alice@test.example", [FOREIGN], only_date)
         assert code == 250, text
         has_date = queued_id(text)
         await c.close()
         # Port 25 leaves a relayed message as it is: only submission fixes mail up.
         c, _ = await plain_session(d, "fixup-25", port=d.smtp_port)
-        code, text = await send(c, "someone@remote.example", ["x@test.example"], BODY)
+        code, text = await transaction(c, "someone@remote.example", ["x@test.example"], BODY)
         assert code == 250, text
         await c.close()
         return missing_both, has_date, queued_id(text)
@@ -398,7 +387,7 @@ def test_brute_force_is_blocked_per_address(make_daemon: MakeDaemon, tmp_path: P
         c, _ = await tls_session(d, "brute-other", source="127.0.0.2")
         code, text = await c.cmd(f"AUTH PLAIN {plain_token('alice', 'correct horse')}")
         assert (code, text[:5]) == (235, "2.7.0"), text
-        code, text = await send(c, "alice@test.example", [FOREIGN], BODY)
+        code, text = await transaction(c, "alice@test.example", [FOREIGN], BODY)
         assert code == 250, text
         await c.close()
 
@@ -510,7 +499,7 @@ def test_sender_login_match(make_daemon: MakeDaemon, tmp_path: Path) -> None:
         # A login that is an address may send as itself (and only that, here).
         c, _ = await tls_session(d, "login-match-bob")
         assert (await c.cmd(f"AUTH PLAIN {plain_token('bob@test.example', 'b-pass')}"))[0] == 235
-        code, text = await send(c, "BOB@test.example", [FOREIGN], BODY)
+        code, text = await transaction(c, "BOB@test.example", [FOREIGN], BODY)
         assert code == 250, text
         code, text = await c.cmd("MAIL FROM:<alice@test.example>")
         assert (code, text[:5]) == (553, "5.7.1"), text
