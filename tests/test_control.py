@@ -176,6 +176,9 @@ class Ctl:
             return w.id
         id = self.loop.run(commit())
         self.ids[name] = id
+        # Ids sort by the millisecond they were minted (within one, arbitrarily), and
+        # "oldest first" is checked against the order of add(): one per millisecond.
+        time.sleep(0.002)
         return id
 
     def add_standard(self) -> None:
