@@ -111,6 +111,21 @@ def test_commit_then_reload_in_new_spool_is_byte_exact(spool: Spool) -> None:
     assert listing(spool.queue_dir) == [f"{id}.msg"]  # one file per message
 
 
+def test_tmp_file_is_made_only_when_the_data_outgrows_the_buffer(spool: Spool) -> None:
+    small = spool.create()
+    small.write(MESSAGE)
+    assert listing(spool.tmp_dir) == []  # nothing on disk before the commit job
+    big = spool.create()
+    big.write(b"y" * (store.WRITE_BUFFER + 1))
+    assert listing(spool.tmp_dir) == [f"{big.id}.msg"]  # streamed: memory stays bounded
+    asyncio.run(spool.commit(small, make_env(small.id)))
+    big.abort()
+    assert listing(spool.tmp_dir) == []
+    assert spool.ids() == [small.id]
+    with spool.open_data(small.id) as f:
+        assert f.read() == MESSAGE
+
+
 def test_commit_sets_size_and_envelope_file_is_versioned_json(spool: Spool) -> None:
     w = spool.create()
     w.write(MESSAGE)
@@ -144,7 +159,8 @@ def test_modes(tmp_path: Path) -> None:
         (tmp_path / "state").mkdir()
         s.prepare()
         id = commit_sync(s, MESSAGE)
-        w = s.create()  # an open tmp file
+        w = s.create()
+        w.write(b"x" * store.WRITE_BUFFER)  # outgrows the buffer: the tmp file exists
     finally:
         os.umask(old)
     try:
@@ -183,14 +199,19 @@ def test_create_does_not_follow_planted_symlink(
     target = tmp_path / "victim"
     if not dangling:
         target.write_bytes(b"precious")
-    (spool.tmp_dir / f"{fixed}.msg").symlink_to(target)
+    planted = spool.tmp_dir / f"{fixed}.msg"
+    planted.symlink_to(target)
+    w = spool.create()  # the file is made at commit (the message fits the buffer)
+    w.write(MESSAGE)
     with pytest.raises(SpoolError) as ei:
-        spool.create()
+        asyncio.run(spool.commit(w, make_env(w.id)))
     assert ei.value.errno == errno.EEXIST
     if dangling:
         assert not target.exists()
     else:
         assert target.read_bytes() == b"precious"
+    assert planted.is_symlink()  # not ours: left for the admin to see
+    assert listing(spool.queue_dir) == []
 
 
 def test_concurrent_commits_all_land_unique_and_sorted(spool: Spool) -> None:

@@ -519,13 +519,7 @@ class SMTPSession(Connection):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         front = self.front
-        try:
-            writer = front.spool.create()
-        except OSError as exc:
-            log.error("cannot create queue file: %s", exc)
-            await self.refuse("storage",
-                              "451 4.3.0 Error: local error creating the queue file, try again")
-            return
+        writer = front.spool.create()  # no disk work yet; storage errors come at commit
         self.busy = True
         try:
             await self._receive(txn, writer)

@@ -25,11 +25,13 @@ original envelope, all recipients pending, after a crash in between.
 
 Performance: the file work runs on a thread pool owned by the spool, so fsyncs never
 block the event loop and concurrent fsyncs overlap (the filesystem journal merges
-them). Each commit is one job on the pool, directory sync included, so the event loop
-hands it over once and hears back once. The fsync of ``queue/`` is shared by group
-commit among the pool's threads: every commit whose renames are done waits for one
-directory sync that *started after* its renames; syncs run one at a time, and the next
-one covers everybody who renamed while the current one ran.
+them). A message that fits the writer's buffer is not even created before commit: its
+whole file life (create, write, fsync, rename) is the commit job. Each commit is one
+job on the pool, directory sync included, so the event loop hands it over once and
+hears back once. The fsync of ``queue/`` is shared by group commit among the pool's
+threads: every commit whose renames are done waits for one directory sync that
+*started after* its renames; syncs run one at a time, and the next one covers
+everybody who renamed while the current one ran.
 """
 
 from __future__ import annotations
@@ -200,11 +202,16 @@ class SpoolWriter:
     Usable as a context manager that aborts unless the message was committed.
     """
 
-    def __init__(self, spool: Spool, id: str, fd: int) -> None:
+    def __init__(self, spool: Spool, id: str) -> None:
         self.id = id
         self.size = 0
         self._spool = spool
-        self._fd = fd
+        # The tmp file is created by the first flush: a message that fits the buffer
+        # (most do) touches the disk only in the commit job, off the event loop —
+        # creating a file can wait on the directory's lock for as long as another
+        # commit's rename and directory fsync hold it.
+        self._fd = -1
+        self._created = False  # tmp/<id>.msg is ours to unlink
         self._buf = bytearray()
         self._state = "open"  # open | failed | committing | committed | aborted
         self.path = spool.tmp_dir / f"{id}.msg"
@@ -219,12 +226,22 @@ class SpoolWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Write the buffer out, creating the tmp file first if need be."""
         try:
+            self._open()
             _write_all(self._fd, self._buf)
         except BaseException:
             self._state = "failed"
             raise
         self._buf.clear()
+
+    def _open(self) -> None:
+        if self._fd >= 0:
+            return
+        # O_EXCL|O_NOFOLLOW: never write through anything already at that name,
+        # not even a symlink planted there (and then it is not ours to unlink).
+        self._fd = os.open(self.path, _CREATE_FLAGS, FILE_MODE)
+        self._created = True
 
     def abort(self) -> None:
         """Close and unlink the temporary file. Idempotent; never raises.
@@ -237,7 +254,12 @@ class SpoolWriter:
         self._state = "aborted"
         self._buf = bytearray()
         self._close()
-        _unlink_quietly(self.path)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        if self._created:
+            self._created = False
+            _unlink_quietly(self.path)
 
     def _close(self) -> None:
         if self._fd >= 0:
@@ -316,16 +338,9 @@ class Spool:
     # -- writing -------------------------------------------------------------
 
     def create(self) -> SpoolWriter:
-        """Start a new message: a fresh id and an exclusive, 0600 tmp/<id>.msg."""
-        id = new_message_id()
-        path = self.tmp_dir / f"{id}.msg"
-        try:
-            # O_EXCL|O_NOFOLLOW: never write through anything already at that name,
-            # not even a symlink planted there.
-            fd = os.open(path, _CREATE_FLAGS, FILE_MODE)
-        except OSError as exc:
-            raise _spool_error(exc, f"cannot create {path}") from exc
-        return SpoolWriter(self, id, fd)
+        """Start a new message with a fresh id. No syscall: its exclusive, 0600
+        tmp/<id>.msg is made when the data outgrows the buffer, or at commit."""
+        return SpoolWriter(self, new_message_id())
 
     async def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
         """Make the message durable; see the module docstring for the exact contract.
@@ -379,7 +394,7 @@ class Spool:
                 # (pool shut down).
                 writer._state = "aborted"
                 writer._close()
-                _unlink_quietly(writer.path)
+                writer._unlink()
                 raise _spool_error(exc, f"cannot commit message {id}") from exc
             writer._state = "committed"
         finally:
@@ -403,6 +418,7 @@ class Spool:
         q_msg = self.queue_dir / f"{writer.id}.msg"
         renamed = False
         try:
+            writer._open()
             buf = writer._buf
             buf += env_bytes
             buf += _TRAILER % len(env_bytes)
@@ -414,11 +430,13 @@ class Spool:
             writer._close()
             _rename(tmp_msg, q_msg)
             renamed = True
+            writer._created = False
         except BaseException:
             writer._close()
             if renamed:
                 _unlink_quietly(q_msg)
-            _unlink_quietly(tmp_msg)
+            else:
+                writer._unlink()
             raise
 
     def _unlink_committed(self, id: str) -> None:
