@@ -77,13 +77,15 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- spent spools
 
-# Spent queues are moved aside, not deleted, until the bench process ends. On ext4
-# without a journal (this machine's root filesystem) the inode allocator skips every
-# inode freed in the last 60-360 s and pays a buffer lookup for each skip, at every
-# file creation: deleting a round's 10,000 files taxes each message the *next* target
-# writes (perf showed 13% of all CPU in recently_deleted() after such a delete). A
-# rename frees nothing, so every target starts on the same footing.
-_SPENT: list[Path] = []
+# Spent queues are not deleted until the bench process ends: empath's stay in their
+# run's own directory, Postfix's hold queue (the same one every round) is moved aside
+# and an empty one put in its place. On ext4 without a journal (this machine's root
+# filesystem) the inode allocator skips every inode freed in the last 60-360 s and
+# pays a buffer lookup for each skip, at every file creation: deleting a round's
+# 10,000 files taxes each message the *next* target writes (perf showed 13% of all
+# CPU in recently_deleted() after such a delete). A rename frees nothing, so every
+# target starts on the same footing.
+_SCRATCH: list[Path] = []
 _BURIED = itertools.count()
 
 
@@ -99,16 +101,16 @@ def bury(path: Path, scratch: Path) -> None:
     path.chmod(stat.S_IMODE(st.st_mode))
 
 
-def remove_spent_at_exit(tmp: Path) -> None:
+def remove_at_exit(tmp: Path) -> None:
     """Delete scratch directory ``tmp`` when the bench process ends (see ``bury``)."""
-    if not _SPENT:
-        atexit.register(_remove_spent)
-    _SPENT.append(tmp)
+    if not _SCRATCH:
+        atexit.register(_remove_scratch)
+    _SCRATCH.append(tmp)
 
 
-def _remove_spent() -> None:
-    log(f"removing {len(_SPENT)} scratch director{'y' if len(_SPENT) == 1 else 'ies'}")
-    for tmp in _SPENT:
+def _remove_scratch() -> None:
+    log(f"removing {len(_SCRATCH)} scratch director{'y' if len(_SCRATCH) == 1 else 'ies'}")
+    for tmp in _SCRATCH:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -554,8 +556,8 @@ log: {{level: warning}}
             queue = self._dir / "state" / "spool" / "queue"
             found = len(list(queue.glob("*.msg"))) if queue.is_dir() else 0
             stored = Stored(expected, found, "" if code == 0 else f"exit status {code}")
-        if stored.ok:
-            bury(self._dir / "state" / "spool" / "queue", self.base)  # keep the log
+        # The run's directory is its own and never reused: it stays, spool and log,
+        # until the bench exits (see bury).
         return stored
 
     def stop(self) -> int | None:
@@ -1117,7 +1119,7 @@ def scratch_dir(p: _ScratchParams, prefix: str = "empath-accept-", *,
         if p.keep_tmp:
             log(f"kept {tmp}")
         else:
-            remove_spent_at_exit(tmp)
+            remove_at_exit(tmp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

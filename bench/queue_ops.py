@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from empath.spool import Envelope, Recipient, Spool  # noqa: E402
 from empath.spool.envelope import ENVELOPE_VERSION, HISTORY_LIMIT, Attempt  # noqa: E402
 from empath.spool.ids import new_message_id  # noqa: E402
+from empath.spool.store import ENVELOPE_TRAILER  # noqa: E402
 
 HOST = "127.0.0.1"
 DOMAIN = "bench.example"
@@ -127,7 +128,7 @@ def build_spool(root: Path, p: Params) -> Built:
         raw = env.to_bytes()
         # What commit writes: one file, the data then the envelope line and its length.
         # A message with history has been tried: its changed envelope is beside it.
-        files = [(f"{id}.msg", data + raw + b"empath-envelope %010d\n" % len(raw))]
+        files = [(f"{id}.msg", data + raw + ENVELOPE_TRAILER % len(raw))]
         if p.history:
             files.append((f"{id}.env", raw))
         for name, content in files:

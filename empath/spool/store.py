@@ -56,7 +56,9 @@ from typing import BinaryIO, TypeVar
 from empath.spool.envelope import CorruptEnvelope, Envelope
 from empath.spool.ids import is_message_id, new_message_id
 
-__all__ = ["RecoveryReport", "Spool", "SpoolError", "SpoolWriter", "open_message"]
+__all__ = [
+    "ENVELOPE_TRAILER", "RecoveryReport", "Spool", "SpoolError", "SpoolWriter", "open_message",
+]
 
 log = logging.getLogger("empath.spool")
 
@@ -69,9 +71,10 @@ FILE_MODE = 0o600
 WRITE_BUFFER = 64 * 1024
 DEFAULT_THREADS = 16
 
-# After the data and the envelope line in a queue file: that line's length.
-_TRAILER = b"empath-envelope %010d\n"
-_TRAILER_SIZE = len(_TRAILER % 0)
+# After the data and the envelope line in a queue file: that line's length
+# (``ENVELOPE_TRAILER % len(line)``).
+ENVELOPE_TRAILER = b"empath-envelope %010d\n"
+_TRAILER_SIZE = len(ENVELOPE_TRAILER % 0)
 _TRAILER_RE = re.compile(rb"empath-envelope (\d{10})\n")
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -421,7 +424,7 @@ class Spool:
             writer._open()
             buf = writer._buf
             buf += env_bytes
-            buf += _TRAILER % len(env_bytes)
+            buf += ENVELOPE_TRAILER % len(env_bytes)
             _write_all(writer._fd, buf)
             buf.clear()
             # fsync before rename: a name must never become durable before the bytes
