@@ -177,6 +177,26 @@ def test_sigterm_lets_data_finish_421s_the_rest_and_exits_0(make_daemon: MakeDae
     # After exit nobody listens any more.
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(connect(d.smtp_port, "after-exit"))
+    # A stop is routine: the journal shows no error and no traceback for it (the
+    # workers' accept() on the shut-down listeners used to log one per loop turn).
+    assert_clean_stop(d.log())
+
+
+def assert_clean_stop(log: str) -> None:
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_sigterm_during_start_up_exits_0_without_errors(make_daemon: MakeDaemon) -> None:
+    """`systemctl stop` right after start: the supervisor listens before its workers
+    are ready, and a stop in between must be as quiet as any other."""
+    for _ in range(3):
+        d = make_daemon(start=False)
+        d.start(wait=False)
+        assert d.proc is not None
+        wait_for(lambda d=d: "control socket listening" in d.log(), 30, "the control socket")
+        rc = d.stop()
+        assert rc == 0, d.log()
+        assert_clean_stop(d.log())
 
 
 def test_sigterm_cuts_data_after_shutdown_timeout(make_daemon: MakeDaemon) -> None:

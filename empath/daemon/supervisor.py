@@ -533,8 +533,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for i in range(self.config.workers):
             await self._spawn(i)
+        # A task, not a gather(): a gather cancelled by a stop during start-up ends
+        # with an exception nobody retrieves, which asyncio logs as an error.
         all_ready: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(*(w.ready.wait() for w in self.workers.values()))
+            _all_set([w.ready for w in self.workers.values()])
         )
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait(
@@ -804,6 +806,11 @@ class Supervisor:
         for task in list(self._tasks):
             if task is not self._watchdog_task:  # systemd watches the stop too
                 task.cancel()
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for event in events:
+        await event.wait()
 
 
 def _accepting(sock: socket.socket) -> bool:

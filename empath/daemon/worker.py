@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -85,6 +86,7 @@ class Worker:
         for sock, role in self.sockets:
             await front.serve(sock, role)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         # The supervisor coordinates shutdown; a terminal's Ctrl-C reaches us too.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -135,6 +137,22 @@ class Worker:
             elif kind == "stop":
                 self.stop.set()
 
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """At a stop without socket activation the supervisor shuts the listening
+        sockets down (SHUT_RD) before our SIGTERM is handled; the event loop then sees
+        them readable and its ``accept()`` fails with EINVAL — again on every turn, as
+        the reader stays registered. That is the stop, not an error: stop accepting
+        now instead of logging a traceback per turn until the signal is read."""
+        exc = context.get("exception")
+        front = self.front
+        if (isinstance(exc, OSError) and exc.errno == errno.EINVAL and front is not None
+                and not all(_accepting(sock) for sock, _ in self.sockets)):
+            if not front.shutting_down:
+                log.debug("worker: listening sockets shut down by the supervisor")
+                front.stop_accepting()
+            return
+        loop.default_exception_handler(context)
+
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The ``response`` to a supervisor's ``request`` (see empath/daemon/ipc.py)."""
         out: dict[str, Any] = {"t": "response", "id": msg.get("id"), "result": None,
@@ -167,6 +185,13 @@ class Worker:
             return str(exc) or type(exc).__name__
         setup_logging(cfg.log.level)
         return None
+
+
+def _accepting(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
 
 
 def _source(msg: dict[str, Any]) -> Path | None:
