@@ -43,15 +43,39 @@ __all__ = ["Channel", "open_channel"]
 MAX_LINE = 16 * 1024 * 1024  # a config text travels this way
 
 
+# One encoder for every message: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class Channel:
+    """Messages sent in one turn of the event loop leave in one write: under load a
+    worker's admits, releases and queued notices for many sessions share a syscall,
+    and the other side wakes once for all of them. Order is kept."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer.is_closing():
             return
-        self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        if not self._out:
+            self._loop.call_soon(self.flush)
+        self._out.append(_encode(msg).encode())
+
+    def flush(self) -> None:
+        """Write what ``send`` has gathered (at the end of the loop turn, or now)."""
+        if self._out and not self.writer.is_closing():
+            self._out.append(b"")
+            self.writer.write(b"\n".join(self._out))
+        self._out.clear()
+
+    async def drain(self) -> None:
+        """Flush, then wait until the socket has taken everything."""
+        self.flush()
+        await self.writer.drain()
 
     async def recv(self) -> dict[str, Any] | None:
         """Next message, or None at EOF (the other side is gone)."""
@@ -67,6 +91,7 @@ class Channel:
         return msg
 
     def close(self) -> None:
+        self.flush()
         self.writer.close()
 
 

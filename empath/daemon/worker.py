@@ -99,7 +99,7 @@ class Worker:
         # The last counts, so the service's counters lose nothing when we go.
         self.channel.send({"t": "metrics", "snapshot": front.metrics_snapshot()})
         with contextlib.suppress(ConnectionError):
-            await self.channel.writer.drain()
+            await self.channel.drain()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_result("421 4.3.2 Service shutting down")
