@@ -46,6 +46,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -302,6 +303,7 @@ class Spool:
         # anyone, and possibly undone, so ids() does not list them.
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._free, self._free_at = 0, float("-inf")
 
     # -- setup ---------------------------------------------------------------
 
@@ -588,10 +590,14 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(env_path)
 
-    def free_space(self) -> int:
-        """Bytes available to an unprivileged writer on the spool's filesystem."""
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
+    def free_space(self, max_age: float = 0.0) -> int:
+        """Bytes available to an unprivileged writer on the spool's filesystem, as
+        measured at most ``max_age`` seconds ago (0: now)."""
+        now = time.monotonic()
+        if max_age <= 0 or now - self._free_at > max_age:
+            st = os.statvfs(self.root)
+            self._free, self._free_at = st.f_bavail * st.f_frsize, now
+        return self._free
 
     def probe_writable(self, min_free: int = 0) -> str | None:
         """None if a message could be spooled now, else why not (for ``/readyz``).
