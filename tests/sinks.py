@@ -498,12 +498,16 @@ class LMTPSink:
 
 class RawServer:
     """Greets with ``greeting`` (None: never says anything), then answers every command
-    with ``reply`` until QUIT. Counts connections."""
+    with ``replies[verb]`` or ``reply`` until QUIT. Counts connections."""
 
     def __init__(self, greeting: str | None, *, reply: str = "503 5.5.1 go away",
+                 replies: dict[str, str] | None = None,
                  host: str | None = None, port: int = 0) -> None:
         self.greeting = greeting
         self.reply = reply
+        # By the command's first word (upper case, "." for a lone dot): a server that
+        # says what a script wants, however wrong; may hold several CRLF-joined lines.
+        self.replies = replies or {}
         self.host = host or loopback()
         self.port = port
         self.connections = 0
@@ -547,7 +551,8 @@ class RawServer:
                     writer.write(b"221 2.0.0 Bye\r\n")
                     await writer.drain()
                     return
-                writer.write(self.reply.encode() + b"\r\n")
+                verb = line.split(" ", 1)[0].upper()
+                writer.write(self.replies.get(verb, self.reply).encode() + b"\r\n")
                 await writer.drain()
         except ConnectionError:
             pass

@@ -295,6 +295,50 @@ def test_no_recipient_accepted_sends_no_data(tmp_path: Path) -> None:
     run(main)
 
 
+def test_pipelined_group_ends_with_data(tmp_path: Path) -> None:
+    """With PIPELINING, MAIL, the RCPTs and DATA go out together (RFC 2920); when no
+    recipient is accepted the server's refusal of DATA ends it: no message is sent,
+    and the session stays in step for the next one."""
+    replies = {"x@dest.test": "550 5.1.1 unknown", "y@dest.test": "450 4.2.1 busy"}
+
+    async def main() -> None:
+        async with SMTPSink(Script(rcpt_replies=replies, pipelining=True)) as sink:
+            pool = ConnectionPool()
+            results = await send(tmp_path, [target(sink)], rcpts=list(replies), pool=pool)
+            assert [(r.status, r.enhanced) for r in results] == \
+                [("bounced", "5.1.1"), ("deferred", "4.2.1")]
+            assert sink.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+            assert sink.delivered == []
+            [res] = await send(tmp_path, [target(sink)], pool=pool)
+            assert res.status == "delivered" and sink.connections == 1
+            [txn] = sink.delivered
+            assert txn.data == BODY
+            await pool.close()
+
+    run(main)
+
+
+def test_pipelined_data_accepted_without_recipients_gets_a_lone_dot(tmp_path: Path) -> None:
+    """A broken server that says 354 to a pipelined DATA after refusing every RCPT gets
+    just "." (RFC 2920 §3.1) — never the message — and its connection is not reused."""
+    replies = {"EHLO": "250-raw.dest.test\r\n250 PIPELINING", "MAIL": "250 2.1.0 ok",
+               "RCPT": "550 5.1.1 unknown", "DATA": "354 go ahead anyway",
+               ".": "250 2.0.0 queued nothing", "RSET": "250 2.0.0 ok"}
+
+    async def main() -> None:
+        async with RawServer("220 raw.dest.test ESMTP", replies=replies) as raw:
+            pool = ConnectionPool()
+            [res] = await send(tmp_path, [target(raw)], pool=pool)
+            assert (res.status, res.enhanced) == ("bounced", "5.1.1")
+            await send(tmp_path, [target(raw)], pool=pool)
+            await pool.close()
+            first = raw.commands[:raw.commands.index(".") + 1]
+            assert [c.split(" ", 1)[0] for c in first] == ["EHLO", "MAIL", "RCPT", "DATA", "."]
+            assert raw.connections == 2  # the odd session was not reused
+
+    run(main)
+
+
 @pytest.mark.parametrize("pipelining", [False, True])
 @pytest.mark.parametrize(("reply", "status", "enhanced"), [
     ("550 5.7.1 sender rejected", "bounced", "5.7.1"),
@@ -309,8 +353,8 @@ def test_mail_from_rejected(tmp_path: Path, reply: str, status: str, enhanced: s
                                  pool=pool)
             assert [(r.status, r.code, r.enhanced) for r in results] == \
                 [(status, int(reply[:3]), enhanced)] * 2
-            if pipelining:  # RCPTs went out with MAIL; their replies were read and ignored
-                assert sink.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT"]
+            if pipelining:  # RCPTs and DATA went out with MAIL; replies read and ignored
+                assert sink.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
             else:
                 assert "RCPT" not in sink.verbs()
             # The session stayed in step: the next message reuses it.

@@ -809,20 +809,18 @@ class _Transaction:
         everyone = [i for i, _ in lines]
         pipelined = "pipelining" in conn.extensions
         if pipelined:
-            # RFC 2920: MAIL and every RCPT in one write, then the replies in order.
-            conn.write(b"".join(x + b"\r\n" for x in [mail, *(line for _, line in lines)]),
-                       "sending MAIL FROM")
+            # RFC 2920: MAIL, every RCPT and DATA (which may end a group) in one write,
+            # then the replies in order: one round trip for what took two, as Postfix
+            # does it.
+            group = [mail, *(line for _, line in lines), b"DATA"]
+            conn.write(b"".join(x + b"\r\n" for x in group), "sending MAIL FROM")
             mr = await conn.reply("sending MAIL FROM", timeout)
         else:
             mr = await conn.command(mail, "sending MAIL FROM", timeout)
         if mr.code // 100 != 2:
             self._rest_from_reply(mr, everyone)
             if pipelined and mr.code != 421:
-                try:  # read the (pointless) RCPT replies to keep the session in step
-                    for _ in lines:
-                        await conn.reply("sending RCPT TO", timeout)
-                except _Lost:
-                    self.reusable = False
+                await self._skip_pipelined(len(lines), timeout)
             return
         for n, (i, line) in enumerate(lines):
             if pipelined:
@@ -837,9 +835,14 @@ class _Transaction:
                 self._rest_from_reply(rr, accepted + [j for j, _ in lines[n + 1:]])
                 return
         if not accepted:
+            if pipelined:
+                await self._skip_pipelined(0, timeout)
             return
 
-        dr = await conn.command(b"DATA", "sending DATA", timeout)
+        if pipelined:
+            dr = await conn.reply("sending DATA", timeout)
+        else:
+            dr = await conn.command(b"DATA", "sending DATA", timeout)
         if dr.code != 354:
             if dr.code // 100 == 2:
                 # A 2xx here is no promise to deliver anything; treat it as an error.
@@ -861,6 +864,22 @@ class _Transaction:
         else:
             fr = await conn.reply(stage, settings.final_timeout)
             self._rest_from_reply(fr, accepted)
+
+    async def _skip_pipelined(self, rcpt_replies: int, timeout: float) -> None:
+        """After a failed MAIL or when no RCPT was accepted: read the pipelined group's
+        remaining replies to keep the session in step. A server that still says 354 to
+        DATA gets a lone "." (RFC 2920 §3.1) and this connection is not reused."""
+        conn = self.conn
+        try:
+            for _ in range(rcpt_replies):
+                await conn.reply("sending RCPT TO", timeout)
+            dr = await conn.reply("sending DATA", timeout)
+            if dr.code == 354:
+                self.reusable = False
+                conn.write(b".\r\n", "ending an empty DATA")
+                await conn.reply("ending an empty DATA", timeout)
+        except _Lost:
+            self.reusable = False
 
     async def _send_body(self, timeout: float) -> None:
         """Stream the spool file with dot-stuffing; end with CRLF.CRLF."""
