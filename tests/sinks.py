@@ -99,6 +99,7 @@ class Script:
     data_reply: str = "250 2.0.0 Ok: queued"  # reply to the final dot
     drop_mid_data: bool = False  # close the connection after some message bytes
     drop_at_dot: bool = False  # close after the final dot without replying
+    drop_at_rset: bool = False  # close at RSET without replying (an idle session timed out)
     hang_at: str | None = None  # "mail" | "rcpt" | "dot": never answer there
     keep_data: bool = True  # False: record only size and hash (big messages)
 
@@ -232,6 +233,9 @@ class _SinkSMTP(SMTP):  # type: ignore[misc]
     async def smtp_RSET(self, arg: str) -> None:
         self._record("RSET")
         self.txn = None
+        if self.sink.script.drop_at_rset and self.transport is not None:
+            self.transport.abort()
+            return
         await super().smtp_RSET(arg)
 
     async def smtp_QUIT(self, arg: str) -> None:

@@ -767,6 +767,27 @@ def test_connection_reused_after_failed_transaction(tmp_path: Path) -> None:
     run(main)
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_connection_that_dies_at_rset_costs_no_deferral(tmp_path: Path,
+                                                        pipelining: bool) -> None:
+    """A pooled session the server drops as it is reused (RSET unanswered; with
+    PIPELINING the RSET heads the MAIL group) is replaced by a fresh connection: the
+    message is delivered once, not deferred."""
+    async def main() -> None:
+        async with SMTPSink(Script(pipelining=pipelining)) as sink:
+            pool = ConnectionPool()
+            [res] = await send(tmp_path, [target(sink)], pool=pool)
+            assert res.status == "delivered"
+            sink.script.drop_at_rset = True
+            [res] = await send(tmp_path, [target(sink)], pool=pool)
+            assert res.status == "delivered", res
+            assert sink.connections == 2 and len(sink.delivered) == 2
+            assert sink.verbs().count("RSET") == 1
+            await pool.close()
+
+    run(main)
+
+
 def test_connection_closed_while_idle_is_not_reused(tmp_path: Path) -> None:
     async def main() -> None:
         async with SMTPSink() as sink:

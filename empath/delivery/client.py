@@ -101,6 +101,11 @@ class _Lost(Exception):
     """The conversation broke: disconnect, timeout or garbage. ``str()`` says where."""
 
 
+class _Stale(Exception):
+    """A pooled connection failed the RSET that began its transaction: nothing of the
+    message was sent, so another connection may carry it."""
+
+
 class _TLSFailed(Exception):
     """The TLS handshake (or certificate check) failed; the connection is unusable."""
 
@@ -281,6 +286,9 @@ class _Connection:
         self.tls_version: str | None = None  # "TLSv1.3"; None in plain text
         self.created = time.monotonic()
         self.transactions = 0
+        # Taken from the pool and not yet verified: the next pipelined group starts
+        # with RSET (see ConnectionPool._acquire).
+        self.rset_due = False
 
     def _lost(self, stage: str, exc: BaseException) -> _Lost:
         if isinstance(exc, TimeoutError):
@@ -568,7 +576,8 @@ class ConnectionPool:
     for reuse by the next message to the same host.
 
     A connection is either idle here or checked out by exactly one ``deliver`` call;
-    checkout sends RSET, and a connection that fails it, sent anything unasked,
+    checkout sends RSET (with PIPELINING: at the head of the transaction's first group,
+    saving a round trip), and a connection that fails it, sent anything unasked,
     idled longer than ``idle_timeout`` or lived longer than ``max_age`` is dropped.
     At most ``max_per_target`` idle connections per key and ``max_total`` overall
     (the oldest go first). The key also holds the LMTP flag, our HELO name and the
@@ -621,6 +630,9 @@ class ConnectionPool:
                     or now - conn.created > self.max_age):
                 conn.close()
                 continue
+            if "pipelining" in conn.extensions:
+                conn.rset_due = True  # checked by the transaction (_Transaction._run)
+                return conn
             try:
                 r = await conn.command(b"RSET", "sending RSET",
                                        min(settings.command_timeout, MAX_RSET_TIMEOUT))
@@ -813,7 +825,16 @@ class _Transaction:
             # then the replies in order: one round trip for what took two, as Postfix
             # does it.
             group = [mail, *(line for _, line in lines), b"DATA"]
-            conn.write(b"".join(x + b"\r\n" for x in group), "sending MAIL FROM")
+            if conn.rset_due:
+                group.insert(0, b"RSET")
+            try:
+                conn.write(b"".join(x + b"\r\n" for x in group), "sending MAIL FROM")
+            except _Lost as exc:
+                if conn.rset_due:
+                    raise _Stale(str(exc)) from exc
+                raise
+            if conn.rset_due:
+                await self._check_rset(timeout)
             mr = await conn.reply("sending MAIL FROM", timeout)
         else:
             mr = await conn.command(mail, "sending MAIL FROM", timeout)
@@ -864,6 +885,20 @@ class _Transaction:
         else:
             fr = await conn.reply(stage, settings.final_timeout)
             self._rest_from_reply(fr, accepted)
+
+    async def _check_rset(self, timeout: float) -> None:
+        """The reply to the RSET heading a pooled connection's first group: anything
+        but 2xx (or none) means the connection was stale. The server may have taken the
+        MAIL and RCPTs behind it, but never data: dropping the connection drops them."""
+        conn = self.conn
+        try:
+            r = await conn.reply("sending RSET", min(timeout, MAX_RSET_TIMEOUT))
+        except _Lost as exc:
+            raise _Stale(str(exc)) from exc
+        if r.code // 100 != 2:
+            conn.abort()
+            raise _Stale(f"RSET got {r.code}")
+        conn.rset_due = False
 
     async def _skip_pipelined(self, rcpt_replies: int, timeout: float) -> None:
         """After a failed MAIL or when no RCPT was accepted: read the pipelined group's
@@ -957,36 +992,42 @@ async def deliver(env: Envelope, rcpts: list[Recipient], data_path: Path, target
         failures: list[_TargetFailed] = []
         for target in targets:
             key = ConnectionPool._key(target, settings)
-            conn = await pool._acquire(key, settings)
-            if conn is None:
+            while True:  # until a connection takes the transaction (or none can)
+                conn = await pool._acquire(key, settings)
+                if conn is None:
+                    try:
+                        conn = await _establish(target, settings)
+                    except _MailLoop as ml:
+                        domain = rcpts[0].address.rpartition("@")[2]
+                        log.debug("%s greets as %s: mail loop", _where(ml.target),
+                                  settings.own_hostname)
+                        return [RcptResult(r.address, "bounced", "5.4.6",
+                                           f"mail for {domain} loops back to myself",
+                                           remote_mta=ml.target.name) for r in rcpts]
+                    except _TargetFailed as failure:
+                        log.debug("%s", failure.text)
+                        failures.append(failure)
+                        break
+                f.seek(0)
                 try:
-                    conn = await _establish(target, settings)
-                except _MailLoop as ml:
-                    domain = rcpts[0].address.rpartition("@")[2]
-                    log.debug("%s greets as %s: mail loop", _where(ml.target),
-                              settings.own_hostname)
-                    return [RcptResult(r.address, "bounced", "5.4.6",
-                                       f"mail for {domain} loops back to myself",
-                                       remote_mta=ml.target.name) for r in rcpts]
-                except _TargetFailed as failure:
-                    log.debug("%s", failure.text)
-                    failures.append(failure)
+                    results, reusable = await _Transaction(conn, env, rcpts, f, size,
+                                                           settings, prefix).run()
+                except _Stale as exc:
+                    # Only pooled connections can be stale; a fresh one comes next.
+                    conn.abort()
+                    log.debug("pooled connection to %s dropped: %s", conn.where, exc)
                     continue
-            f.seek(0)
-            try:
-                results, reusable = await _Transaction(conn, env, rcpts, f, size,
-                                                       settings, prefix).run()
-            except BaseException:
-                conn.abort()
-                raise
-            if reusable:
-                pool._release(key, conn)
-            else:
-                conn.close()
-            for res in results:
-                log.debug("%s <%s>: %s %s %s %s", conn.where, res.address, res.status,
-                          res.code, res.enhanced, res.text)
-            return results
+                except BaseException:
+                    conn.abort()
+                    raise
+                if reusable:
+                    pool._release(key, conn)
+                else:
+                    conn.close()
+                for res in results:
+                    log.debug("%s <%s>: %s %s %s %s", conn.where, res.address, res.status,
+                              res.code, res.enhanced, res.text)
+                return results
         results = _all_failed(rcpts, failures)
         log.debug("no target took the session: %s %s", results[0].enhanced, results[0].text)
         return results
