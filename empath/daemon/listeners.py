@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from empath.config.model import Listener
 
-__all__ = ["ListenSocket", "ListenerError", "bind_listeners", "from_systemd"]
+__all__ = ["ListenSocket", "ListenerError", "bind_listeners", "from_systemd", "is_listening"]
 
 SD_LISTEN_FDS_START = 3
 KNOWN_NAMES = ("smtp", "submission", "metrics")
@@ -94,3 +94,11 @@ def bind_listeners(listeners: tuple[Listener, ...]) -> list[ListenSocket]:
             ls.sock.close()
         raise
     return result
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """Whether ``sock`` is still a listening socket (not shut down or closed)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False

@@ -52,6 +52,7 @@ from empath.daemon.listeners import (
     ListenSocket,
     bind_listeners,
     from_systemd,
+    is_listening,
 )
 from empath.delivery.dkim import DkimError
 from empath.delivery.dkim import load_keys as load_dkim_keys
@@ -652,7 +653,7 @@ class Supervisor:
         roles: dict[str, float] = {}
         for ls in self._smtp_sockets():
             roles.setdefault(ls.role, 0.0)
-            if _accepting(ls.sock):
+            if is_listening(ls.sock):
                 roles[ls.role] += 1.0
         out += [("empath_smtp_listeners_open", (role,), n) for role, n in roles.items()]
         r = self.last_reload
@@ -674,7 +675,7 @@ class Supervisor:
         if not self.serving:
             reasons.append("starting" if not self.stopping.is_set() else "stopping")
         smtp = self._smtp_sockets()
-        if not any(_accepting(ls.sock) for ls in smtp):
+        if not any(is_listening(ls.sock) for ls in smtp):
             reasons.append("no SMTP listener is open")
         if not any(w.ready.is_set() for w in self.workers.values()):
             reasons.append("no SMTP worker is serving")
@@ -811,14 +812,6 @@ class Supervisor:
 async def _all_set(events: list[asyncio.Event]) -> None:
     for event in events:
         await event.wait()
-
-
-def _accepting(sock: socket.socket) -> bool:
-    """Whether ``sock`` is still a listening socket (not shut down or closed)."""
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:
-        return False
 
 
 def _is_loopback(sock: socket.socket) -> bool:

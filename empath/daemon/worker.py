@@ -22,6 +22,7 @@ from typing import Any
 
 from empath.config import ConfigError, load_config_text
 from empath.daemon.ipc import Channel, open_channel
+from empath.daemon.listeners import is_listening
 from empath.log import setup_logging
 from empath.smtp.server import Front
 from empath.spool import Envelope, Spool
@@ -146,7 +147,7 @@ class Worker:
         exc = context.get("exception")
         front = self.front
         if (isinstance(exc, OSError) and exc.errno == errno.EINVAL and front is not None
-                and not all(_accepting(sock) for sock, _ in self.sockets)):
+                and not all(is_listening(sock) for sock, _ in self.sockets)):
             if not front.shutting_down:
                 log.debug("worker: listening sockets shut down by the supervisor")
                 front.stop_accepting()
@@ -185,13 +186,6 @@ class Worker:
             return str(exc) or type(exc).__name__
         setup_logging(cfg.log.level)
         return None
-
-
-def _accepting(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:
-        return False
 
 
 def _source(msg: dict[str, Any]) -> Path | None:

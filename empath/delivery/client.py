@@ -824,16 +824,16 @@ class _Transaction:
             # RFC 2920: MAIL, every RCPT and DATA (which may end a group) in one write,
             # then the replies in order: one round trip for what took two, as Postfix
             # does it.
-            group = [mail, *(line for _, line in lines), b"DATA"]
-            if conn.rset_due:
-                group.insert(0, b"RSET")
+            rset = conn.rset_due
+            group = [b"RSET"] if rset else []
+            group += [mail, *(line for _, line in lines), b"DATA"]
             try:
                 conn.write(b"".join(x + b"\r\n" for x in group), "sending MAIL FROM")
             except _Lost as exc:
-                if conn.rset_due:
+                if rset:
                     raise _Stale(str(exc)) from exc
                 raise
-            if conn.rset_due:
+            if rset:
                 await self._check_rset(timeout)
             mr = await conn.reply("sending MAIL FROM", timeout)
         else:
@@ -889,14 +889,14 @@ class _Transaction:
     async def _check_rset(self, timeout: float) -> None:
         """The reply to the RSET heading a pooled connection's first group: anything
         but 2xx (or none) means the connection was stale. The server may have taken the
-        MAIL and RCPTs behind it, but never data: dropping the connection drops them."""
+        MAIL and RCPTs behind it, but never data: ``deliver`` drops the connection, and
+        them with it."""
         conn = self.conn
         try:
             r = await conn.reply("sending RSET", min(timeout, MAX_RSET_TIMEOUT))
         except _Lost as exc:
             raise _Stale(str(exc)) from exc
         if r.code // 100 != 2:
-            conn.abort()
             raise _Stale(f"RSET got {r.code}")
         conn.rset_due = False
 
