@@ -1,11 +1,13 @@
 """Property tests of the SMTP front's pure parts: address and command parsing, the DATA
-reader (fed from an asyncio.StreamReader) and the enhanced-status-code safety net."""
+reader (fed from an asyncio.StreamReader; and on a real loopback socket, its prompt
+acknowledgements) and the enhanced-status-code safety net."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import re
+import socket
 import string
 
 import pytest
@@ -367,6 +369,76 @@ def test_read_data_clean_bodies_round_trip(lines: list[bytes], pieces: int) -> N
     assert outcome is DataOutcome.OK
     assert sunk == body
     assert rest == b"NEXT"
+
+
+class _DataServer(Connection):
+    """A session reduced to its bytes: three commands answered, then DATA."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop, timeout=60, line_limit=1000)
+        self.scanner = DataScanner(lambda _: None, 10**6)
+        self.quickack_before_data: int | None = None
+
+    async def serve(self) -> None:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        for _ in range(3):
+            await self.readline()
+            self.write(b"250 ok\r\n")
+        await self.readline()
+        self.quickack_before_data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+        self.write(b"354 go\r\n")
+        await self.read_data(self.scanner, lambda n: None)
+        self.write(b"250 done\r\n")
+
+    def timed_out(self) -> None:
+        pass
+
+
+def test_data_is_acknowledged_at_once_for_a_client_with_nagle() -> None:
+    """A client with Nagle's algorithm on sends its last small write (here the final
+    '.') only once what it sent before is acknowledged. By DATA the server's kernel
+    delays ACKs (up to 40 ms: every message would wait that long for its 250); the
+    reader acknowledges what it has read before waiting for more. Checked on a real
+    loopback connection through the kernel's own view of the socket: TCP_QUICKACK
+    reads 0 while ACKs are delayed, 1 when they go out at once."""
+
+    async def main() -> tuple[int | None, int, bytes]:
+        loop = asyncio.get_running_loop()
+        servers: list[_DataServer] = []
+
+        def factory() -> _DataServer:
+            servers.append(_DataServer(loop))
+            return servers[-1]
+
+        listener = await loop.create_server(factory, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # asyncio turns Nagle off on its connections; the client under test has it on.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        try:
+            for command in (b"EHLO x", b"MAIL FROM:<>", b"RCPT TO:<a@b.example>", b"DATA"):
+                writer.write(command + b"\r\n")
+                await asyncio.wait_for(reader.readline(), 5)
+            writer.write(b"Subject: x\r\n\r\n" + b"y" * 4000 + b"\r\n")
+            server = servers[0]
+            async with asyncio.timeout(5):
+                while server.scanner.size == 0:  # the reader took the body, and waits
+                    await asyncio.sleep(0)
+            assert server.transport is not None
+            sock = server.transport.get_extra_info("socket")
+            waiting = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+            writer.write(b".\r\n")
+            last = await asyncio.wait_for(reader.readline(), 5)
+            return server.quickack_before_data, waiting, last
+        finally:
+            writer.close()
+            listener.close()
+
+    before, waiting, last = asyncio.run(main())
+    assert before == 0, "precondition: by DATA the kernel delays this connection's ACKs"
+    assert waiting == 1, "the body read so far was not acknowledged at once"
+    assert last == b"250 done\r\n"
 
 
 # ---------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ commands are taken from the buffer without a wait when they are already there
 line by line (``empath.smtp.data.DataScanner``). The buffer is bounded: reading
 from the socket pauses while it holds more than ``HIGH_WATER`` octets.
 
+While the DATA section arrives, every time the buffer runs dry the pending TCP
+acknowledgement is sent at once (TCP_QUICKACK) instead of up to 40 ms later: a client
+with Nagle's algorithm on holds back its last small write — often the final
+``.<CRLF>`` — until what it sent before is acknowledged, and on a connection that
+carries more than one message the kernel has by then switched to delayed ACKs, so every
+message would wait for the delayed-ACK timer before its ``250``.
+
 Also here: one timer per connection for every deadline (moving a deadline is a
 float store; the timer re-arms itself when it fires early), back-pressure for
 writes, and the STARTTLS switch, which throws away whatever the client pipelined in
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
@@ -53,6 +61,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._gone = False
+        self._tcp: Any = None  # the TCP socket, for TCP_QUICKACK; None if not TCP
 
     # ---- for subclasses ---------------------------------------------------------
 
@@ -71,6 +80,9 @@ class Connection(asyncio.Protocol):
         # Not an isinstance check: uvloop's transports are not asyncio.Transport
         # subclasses, though they behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._tcp = sock
         self.set_deadline()
         self._task = self.loop.create_task(self._run())
 
@@ -197,7 +209,18 @@ class Connection(asyncio.Protocol):
                     continue
             if self._eof:
                 raise ConnectionResetError("connection closed during DATA")
+            self._ack_now()
             await self._more()
+
+    def _ack_now(self) -> None:
+        """Acknowledge what has arrived now rather than after the delayed-ACK timer (see
+        the module docstring). The flag is not sticky: the kernel clears it again, so it
+        is set at each wait."""
+        if self._tcp is not None:
+            try:
+                self._tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._tcp = None  # closed under us, or not a TCP socket after all
 
     # ---- writing ------------------------------------------------------------------
 
