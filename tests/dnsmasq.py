@@ -32,10 +32,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +43,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+
+from tests.loopback import ForegroundServer, start_answering
 
 __all__ = ["DnsmasqServer", "dnsmasq_fixture", "find_dnsmasq"]
 
@@ -61,21 +60,6 @@ def find_dnsmasq() -> str | None:
     )
 
 
-def _free_udp_tcp_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free UDP+TCP port on 127.0.0.1")
-
-
 def _check(value: str) -> str:
     # Everything goes into a dnsmasq config line: refuse what could break its syntax.
     if not _SAFE.match(value):
@@ -83,20 +67,13 @@ def _check(value: str) -> str:
     return value
 
 
-class _Process:
-    """One dnsmasq with its config file and log (stderr, queries logged)."""
+def _dnsmasq(binary: str, workdir: Path, name: str,
+             lines: list[str]) -> Callable[[int], ForegroundServer]:
+    """One dnsmasq for a port: its config file written, its log (stderr, queries logged)."""
 
-    def __init__(self, binary: str, workdir: Path, name: str, lines: list[str]) -> None:
-        self.binary = binary
-        self.conf = workdir / f"{name}.conf"
-        self.log_path = workdir / f"{name}.log"
-        self.lines = lines
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, port: int) -> None:
-        self.port = port
-        self.conf.write_text(
+    def make(port: int) -> ForegroundServer:
+        conf = workdir / f"{name}.conf"
+        conf.write_text(
             "\n".join(
                 [
                     f"port={port}",
@@ -108,42 +85,17 @@ class _Process:
                     "no-hosts",
                     "pid-file=",
                     "log-queries",
-                    *self.lines,
+                    *lines,
                 ]
             )
             + "\n"
         )
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                # --conf-file replaces /etc/dnsmasq.conf (and its conf-dir) so a system
-                # dnsmasq's settings never leak in; -k: foreground, no fork.
-                [self.binary, "--keep-in-foreground", f"--conf-file={self.conf}",
-                 "--log-facility=-"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+        # --conf-file replaces /etc/dnsmasq.conf (and its conf-dir) so a system
+        # dnsmasq's settings never leak in; -k: foreground, no fork.
+        return ForegroundServer([binary, "--keep-in-foreground", f"--conf-file={conf}",
+                                 "--log-facility=-"], workdir / f"{name}.log")
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def exited(self) -> bool:
-        return self.proc is None or self.proc.poll() is not None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+    return make
 
 
 class DnsmasqServer:
@@ -179,8 +131,8 @@ class DnsmasqServer:
             if n != self.zone and not n.endswith("." + self.zone):
                 raise ValueError(f"{name!r} is not under the zone {self.zone!r}")
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._authority: _Process | None = None
-        self._front: _Process | None = None
+        self._authority: ForegroundServer | None = None
+        self._front: ForegroundServer | None = None
 
     # -- what tests use -------------------------------------------------------------
 
@@ -217,10 +169,12 @@ class DnsmasqServer:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="empath-dnsmasq-")
         workdir = Path(self._tmp.name)
-        self._authority = _Process(self.binary, workdir, "authority", self._authority_lines())
-        self._start_ready(self._authority, f"ns.{self.zone}")
-        self._front = _Process(self.binary, workdir, "front", self._front_lines())
-        self._start_ready(self._front, self.zone)
+        self._authority = start_answering(
+            _dnsmasq(self.binary, workdir, "authority", self._authority_lines()),
+            lambda port: _answers(port, f"ns.{self.zone}"), wait=10)
+        self._front = start_answering(
+            _dnsmasq(self.binary, workdir, "front", self._front_lines()),
+            lambda port: _answers(port, self.zone), wait=10)
         return self
 
     def stop(self) -> None:
@@ -287,25 +241,6 @@ class DnsmasqServer:
                 # zone's line is marked "no DNSSEC" because no anchor covers it).
                 lines += [f"server=/{n}/{upstream}", f"trust-anchor={n},{_IMPOSSIBLE_DS}"]
         return lines
-
-    def _start_ready(self, proc: _Process, probe: str) -> None:
-        """Start on a free port (retrying if another process grabs it first) and wait
-        until it answers a query."""
-        last = ""
-        for _ in range(5):
-            proc.start(_free_udp_tcp_port())
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if proc.exited():
-                    break
-                if _answers(proc.port, probe):
-                    return
-                time.sleep(0.05)
-            last = proc.log()
-            proc.stop()
-            if "Address already in use" not in last:
-                break
-        raise RuntimeError(f"dnsmasq did not start:\n{last}")
 
 
 def _answers(port: int, name: str) -> bool:

@@ -29,10 +29,8 @@ failed under CI=true through ``require_tool``).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+
+from tests.loopback import ForegroundServer, start_answering
 
 __all__ = ["TOOLS", "DnssecLab", "Zone", "dnssec_fixture", "require_tools"]
 
@@ -75,61 +75,11 @@ def _tool(name: str) -> str:
     return path
 
 
-def _free_udp_tcp_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (both servers listen on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free UDP+TCP port on 127.0.0.1")
-
-
 def _run(argv: list[str], cwd: Path) -> str:
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
     return done.stdout.strip()
-
-
-@dataclass
-class _Server:
-    """One daemon in the foreground, its stderr (and stdout) in a log file."""
-
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True)
-
-    def exited(self) -> bool:
-        return self.proc is None or self.proc.poll() is not None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 @dataclass
@@ -145,8 +95,8 @@ class DnssecLab:
     nsd_port: int = 0
     unbound_port: int = 0
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
-    _nsd: _Server | None = field(default=None, repr=False)
-    _unbound: _Server | None = field(default=None, repr=False)
+    _nsd: ForegroundServer | None = field(default=None, repr=False)
+    _unbound: ForegroundServer | None = field(default=None, repr=False)
 
     @property
     def nameserver(self) -> str:
@@ -330,25 +280,12 @@ def _answers(port: int, name: str, ad: bool) -> bool:
 
 
 def _start_ready(log_path: Path, configure: Callable[[int], list[str]], probe: str,
-                 *, ad: bool) -> tuple[_Server, int]:
-    """Start on a free port (again on another if the port was taken meanwhile) and
-    wait until the server answers ``probe`` (with AD, if ``ad``)."""
-    last, name = "", ""
-    for _ in range(5):
-        port = _free_udp_tcp_port()
-        server = _Server(configure(port), log_path)
-        name = Path(server.argv[0]).name
-        server.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not server.exited():
-            if _answers(port, probe, ad):
-                return server, port
-            time.sleep(0.05)
-        last = server.log()
-        server.stop()
-        if "in use" not in last:
-            break
-    raise RuntimeError(f"{name} did not start:\n{last}")
+                 *, ad: bool) -> tuple[ForegroundServer, int]:
+    """Start on a free port and wait until the server answers ``probe`` (with AD, if
+    ``ad``)."""
+    server = start_answering(lambda port: ForegroundServer(configure(port), log_path),
+                             lambda port: _answers(port, probe, ad))
+    return server, server.port
 
 
 def require_tools() -> None:
