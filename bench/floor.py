@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""How fast could a Python server accept mail durably on this machine? A reference
+for accept.py's figures: the *floor* server below does only what every durable
+server must — answer each command with a canned reply and commit each DATA section
+the way empath's spool does (write a file in ``tmp/``, fsync, rename into ``queue/``,
+fsync ``queue/``, on a pool of 16 threads) — and nothing an MTA needs: no parsing,
+no policy, no envelope, no Received header, no logging, no metrics, no supervisor.
+
+It runs under the same load as accept.py (smtp-source, a new connection per message)
+in alternating rounds with empath and, as root, Postfix. The gap between the floor
+and empath is what empath's own work costs per message; the floor against Postfix
+says what any asyncio design could reach here at best.
+
+    sudo .venv/bin/python bench/floor.py [--processes 2] [--rounds 3] [--messages 10000]
+
+``floor.py serve --processes N --port P --dir D`` runs the floor server alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accept import (  # bench scripts import their sibling
+    HOST,
+    READY_TIMEOUT,
+    STOP_TIMEOUT,
+    BenchError,
+    EmpathTarget,
+    Params,
+    PostfixInstance,
+    Stored,
+    Target,
+    ThroughputRound,
+    log,
+    scratch_dir,
+    throughput_round,
+    wait_for_greeting,
+)
+
+FLOOR_PORT = 10031
+_REPLIES = {
+    b"EHLO": b"250-floor.bench.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+    b"HELO": b"250 floor.bench.example\r\n",
+    b"MAIL": b"250 2.1.0 Ok\r\n",
+    b"RCPT": b"250 2.1.5 Ok\r\n",
+    b"DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+    b"RSET": b"250 2.0.0 Ok\r\n",
+    b"NOOP": b"250 2.0.0 Ok\r\n",
+    b"QUIT": b"221 2.0.0 Bye\r\n",
+}
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def _commit(spool: Path, name: str, data: bytes) -> None:
+    """empath's commit discipline (empath/spool/store.py), without its checks."""
+    tmp = spool / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, spool / "queue" / name)
+    dfd = os.open(spool / "queue", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _Session(asyncio.Protocol):
+    def __init__(self, spool: Path, pool: concurrent.futures.Executor,
+                 names: itertools.count[int]) -> None:
+        self.spool, self.pool, self.names = spool, pool, names
+        self.buf = b""
+        self.state = "command"  # command | data | committing
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.write(b"220 floor.bench.example ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._step()
+
+    def _step(self) -> None:
+        assert self.transport is not None
+        while self.state != "committing":
+            if self.state == "data":
+                end = self.buf.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                message, self.buf = self.buf[2:end + 2], self.buf[end + 5:]
+                self.state = "committing"
+                name = f"{os.getpid()}-{next(self.names)}.msg"
+                fut = asyncio.get_running_loop().run_in_executor(
+                    self.pool, _commit, self.spool, name, message)
+                fut.add_done_callback(self._committed)
+                return
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                return
+            verb, self.buf = self.buf[:4].upper(), self.buf[nl + 1:]
+            self.transport.write(_REPLIES.get(verb, b"502 5.5.2 Error\r\n"))
+            if verb == b"DATA":
+                self.state = "data"
+                self.buf = b"\r\n" + self.buf  # the data starts after a CRLF
+            elif verb == b"QUIT":
+                self.transport.close()
+                return
+
+    def _committed(self, fut: asyncio.Future[None]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if fut.exception() is not None:
+            self.transport.write(b"451 4.3.0 Error\r\n")
+        else:
+            self.transport.write(b"250 2.0.0 Ok: queued\r\n")
+        self.state = "command"
+        self._step()
+
+
+def serve(processes: int, port: int, spool: Path) -> None:
+    for sub in ("tmp", "queue"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    for _ in range(processes - 1):  # the others share the listening socket, as workers do
+        if os.fork() == 0:
+            break
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    names = itertools.count()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Session(spool, pool, names), sock=sock)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+class FloorTarget:
+    """The floor server as one of accept.py's targets: a fresh spool every round."""
+
+    port = FLOOR_PORT
+
+    def __init__(self, base: Path, processes: int) -> None:
+        self.base = base
+        self.processes = processes
+        self.label = f"floor p={processes}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._run = 0
+        self._spool = base
+
+    def begin(self) -> int:
+        self._run += 1
+        self._spool = self.base / f"floor-{self._run}"
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "serve", "--processes", str(self.processes),
+             "--port", str(self.port), "--dir", str(self._spool)],
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = self._proc
+        wait_for_greeting(self.port, READY_TIMEOUT, alive=lambda: proc.poll() is None)
+        return proc.pid
+
+    def end(self, expected: int) -> Stored:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        time.sleep(0.2)  # the forked servers exit on the same signal
+        queue = self._spool / "queue"
+        return Stored(expected, len(os.listdir(queue)) if queue.is_dir() else 0)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        sp = argparse.ArgumentParser(prog="floor.py serve")
+        sp.add_argument("serve")
+        sp.add_argument("--processes", type=int, default=2)
+        sp.add_argument("--port", type=int, default=FLOOR_PORT)
+        sp.add_argument("--dir", type=Path, required=True)
+        s = sp.parse_args()
+        serve(s.processes, s.port, s.dir)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--processes", type=int, default=2,
+                    help="floor processes and empath workers")
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--empath-cmd", default=f"{sys.executable} -m empath")
+    ap.add_argument("--skip-postfix", action="store_true")
+    ap.add_argument("--json", default=None, help="write every round here")
+    a = ap.parse_args()
+    p = Params(messages=a.messages, sessions=a.sessions, size=a.size,
+               workers=[a.processes], rounds=a.rounds, latency_messages=0,
+               latency_connections=0, empath_cmd=a.empath_cmd, standin=False,
+               skip_postfix=a.skip_postfix, tmpdir=None, keep_tmp=False)
+    rounds: list[ThroughputRound] = []
+    with scratch_dir(p, "empath-floor-", postfix=not a.skip_postfix) as tmp:
+        (tmp / "empath").mkdir()
+        (tmp / "floor").mkdir()
+        targets: list[Target] = [FloorTarget(tmp / "floor", a.processes),
+                                 EmpathTarget(tmp / "empath", a.empath_cmd, a.processes,
+                                              standin=False)]
+        postfix = None
+        if not a.skip_postfix:
+            postfix = PostfixInstance(tmp)
+            postfix.start()
+            targets.append(postfix)
+        try:
+            for rnd in range(1, a.rounds + 1):
+                for target in targets if rnd % 2 else targets[::-1]:
+                    rounds.append(throughput_round(target, p, rnd))
+        except BenchError as exc:
+            log(f"FAILED: {exc}")
+            return 1
+        finally:
+            if postfix is not None:
+                postfix.stop()
+    labels = [t.label for t in targets]
+    rate = {lb: [r.rate for r in rounds if r.target == lb and r.rate] for lb in labels}
+    cpu = {lb: [1000 * r.cpu_seconds / a.messages for r in rounds
+                if r.target == lb and r.cpu_seconds is not None] for lb in labels}
+    base = statistics.median(rate["postfix"]) if rate.get("postfix") else None
+    print(f"\ndurable accept, {a.messages} msgs x {a.size} B, {a.sessions} sessions, new "
+          f"connection per message, {a.rounds} rounds; 1-min load {os.getloadavg()[0]:.2f} "
+          "at the end")
+    print(f"{'target':<14} {'median msg/s':>12} {'min-max':>13} {'vs postfix':>10} "
+          f"{'CPU ms/msg':>10}")
+    for lb in labels:
+        if not rate[lb]:
+            print(f"{lb:<14} {'failed':>12}")
+            continue
+        med = statistics.median(rate[lb])
+        ratio = f"{med / base:.2f}x" if base else "-"
+        c = f"{statistics.median(cpu[lb]):.2f}" if cpu[lb] else "-"
+        print(f"{lb:<14} {med:12.1f} {min(rate[lb]):6.0f}-{max(rate[lb]):<6.0f} {ratio:>10} "
+              f"{c:>10}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rates": rate, "cpu_ms_per_msg": cpu}, indent=2))
+    ok = all(r.ok and (r.stored or {}).get("ok", True) for r in rounds)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
