@@ -9,7 +9,7 @@ no policy, no envelope, no Received header, no logging, no metrics, no superviso
 It runs under the same load as accept.py (smtp-source, a new connection per message)
 in alternating rounds with empath and, as root, Postfix. The gap between the floor
 and empath is what empath's own work costs per message; the floor against Postfix
-says what any asyncio design could reach here at best.
+bounds what an asyncio server with this commit discipline can reach here.
 
     sudo .venv/bin/python bench/floor.py [--processes 2] [--rounds 3] [--messages 10000]
 
