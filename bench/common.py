@@ -93,6 +93,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *,
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def round_order(targets: Sequence[Any], rnd: int) -> list[Any]:
+    """Round-robin, reversed every other round, so a drift in the machine's load
+    falls on every target alike."""
+    return list(targets) if rnd % 2 else list(reversed(targets))
+
+
 def stamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 

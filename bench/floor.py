@@ -51,6 +51,7 @@ from accept import (  # bench scripts import their sibling
     throughput_round,
     wait_for_greeting,
 )
+from common import round_order
 
 FLOOR_PORT = 10031
 _REPLIES = {
@@ -197,7 +198,15 @@ class FloorTarget:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        time.sleep(0.2)  # the forked servers exit on the same signal
+            # The forked servers got the signal too: wait until the whole group is
+            # gone, or one of them would still hold the port when the next round starts.
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
         queue = self._spool / "queue"
         return Stored(expected, len(os.listdir(queue)) if queue.is_dir() else 0)
 
@@ -229,26 +238,21 @@ def main() -> int:
                skip_postfix=a.skip_postfix, tmpdir=None, keep_tmp=False)
     rounds: list[ThroughputRound] = []
     with scratch_dir(p, "empath-floor-", postfix=not a.skip_postfix) as tmp:
-        (tmp / "empath").mkdir()
-        (tmp / "floor").mkdir()
-        targets: list[Target] = [FloorTarget(tmp / "floor", a.processes),
-                                 EmpathTarget(tmp / "empath", a.empath_cmd, a.processes,
-                                              standin=False)]
-        postfix = None
-        if not a.skip_postfix:
-            postfix = PostfixInstance(tmp)
-            postfix.start()
-            targets.append(postfix)
+        postfix = PostfixInstance(tmp)
+        targets: list[Target] = [FloorTarget(tmp, a.processes),
+                                 EmpathTarget(tmp, a.empath_cmd, a.processes, standin=False)]
+        targets += [] if a.skip_postfix else [postfix]
         try:
+            if not a.skip_postfix:
+                postfix.start()
             for rnd in range(1, a.rounds + 1):
-                for target in targets if rnd % 2 else targets[::-1]:
+                for target in round_order(targets, rnd):
                     rounds.append(throughput_round(target, p, rnd))
         except BenchError as exc:
             log(f"FAILED: {exc}")
             return 1
         finally:
-            if postfix is not None:
-                postfix.stop()
+            postfix.stop()  # nothing to do if it never started
     labels = [t.label for t in targets]
     rate = {lb: [r.rate for r in rounds if r.target == lb and r.rate] for lb in labels}
     cpu = {lb: [1000 * r.cpu_seconds / a.messages for r in rounds

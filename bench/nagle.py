@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -41,12 +40,14 @@ from accept import (  # bench scripts import their sibling
     Params,
     PostfixInstance,
     SMTPReplyError,
+    Target,
     _expect,
     log,
     make_payload,
     percentile,
     scratch_dir,
 )
+from common import round_order
 
 SESSION_TIMEOUT = 120.0
 
@@ -103,7 +104,7 @@ async def _load(port: int, connections: int, count: int, payload: bytes,
     return [ms for r in results for ms in r]
 
 
-def one_pass(target: Any, client: str, rnd: int, a: argparse.Namespace) -> Pass:
+def one_pass(target: Target, client: str, rnd: int, a: argparse.Namespace) -> Pass:
     res = Pass(target.label, client, rnd)
     header = f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: nagle\r\n\r\n".encode()
     payload = header + make_payload(a.size)
@@ -147,18 +148,14 @@ def main() -> int:
                standin=False, skip_postfix=a.skip_postfix, tmpdir=None, keep_tmp=False)
     passes: list[Pass] = []
     with scratch_dir(p, "empath-nagle-", postfix=not a.skip_postfix) as tmp:
-        (tmp / "empath").mkdir()
-        targets: list[Any] = [EmpathTarget(tmp / "empath", a.empath_cmd, a.workers,
-                                           standin=False)]
-        postfix = None
-        if not a.skip_postfix:
-            postfix = PostfixInstance(tmp)
-            postfix.start()
-            targets.append(postfix)
+        postfix = PostfixInstance(tmp)
+        targets: list[Target] = [EmpathTarget(tmp, a.empath_cmd, a.workers, standin=False)]
+        targets += [] if a.skip_postfix else [postfix]
         try:
+            if not a.skip_postfix:
+                postfix.start()
             for rnd in range(1, a.rounds + 1):
-                order = targets if rnd % 2 else targets[::-1]
-                for target in order:
+                for target in round_order(targets, rnd):
                     for client in ("nagle", "nodelay"):
                         r = one_pass(target, client, rnd, a)
                         passes.append(r)
@@ -169,8 +166,7 @@ def main() -> int:
             log(f"FAILED: {exc}")
             return 1
         finally:
-            if postfix is not None:
-                postfix.stop()
+            postfix.stop()  # nothing to do if it never started
     print(f"\n'.' -> 250 on reused connections: {a.connections} sessions x {a.messages} msgs "
           f"x {a.rounds} rounds, {a.size} B body, the '.' written separately; "
           f"1-min load {os.getloadavg()[0]:.2f} at the end")

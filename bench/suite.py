@@ -50,7 +50,7 @@ import memory
 import queue_ops
 import relay
 from accept import MIB, BenchError, log
-from common import Spread
+from common import Spread, round_order
 
 SECTIONS = ("accept", "relay", "recovery", "memory")
 UVLOOP_SITE = common.REPO / "bench" / "results" / "uvloop-site"
@@ -145,12 +145,6 @@ def _variant_base(base: Path, v: Variant) -> Path:
     return d
 
 
-def _order(targets: Sequence[Any], rnd: int) -> list[Any]:
-    """Round-robin, reversed every other round, so a drift in the machine's load
-    falls on every target alike."""
-    return list(targets) if rnd % 2 else list(reversed(targets))
-
-
 # ----------------------------------------------------------------------------- accept
 
 
@@ -176,10 +170,10 @@ def run_accept(p: Params, tmp: Path, variants: Sequence[Variant]) -> dict[str, A
         if not p.skip_postfix:
             postfix.start()
         for rnd in range(1, p.rounds + 1):
-            for t in _order(targets, rnd):
+            for t in round_order(targets, rnd):
                 rounds[t.label].append(accept.throughput_round(t, ap, rnd))
             if p.latency_messages:
-                for t in _order(targets, rnd):
+                for t in round_order(targets, rnd):
                     latency[t.label].append(accept.latency_pass(t, ap))
     except BenchError as exc:
         fatal = str(exc)
@@ -221,7 +215,7 @@ def run_relay(p: Params, tmp: Path, variants: Sequence[Variant]) -> dict[str, An
         if not p.skip_postfix:
             postfix.start()
         for rnd in range(1, p.rounds + 1):
-            for t in _order(targets, rnd):
+            for t in round_order(targets, rnd):
                 r = relay.relay_round(t, sink, rp, rnd)
                 rounds[t.label].append(r)
                 if r.error and isinstance(t, RelayEmpath):
@@ -275,7 +269,7 @@ def run_recovery(p: Params, tmp: Path, variants: Sequence[Variant]) -> dict[str,
     log(f"recovery: built in {built.seconds:.1f}s")
     runs: list[RecoveryRun] = []
     for rnd in range(1, p.recovery_rounds + 1):
-        for v in _order(variants, rnd):
+        for v in round_order(variants, rnd):
             r = RecoveryRun(v.name, rnd)
             runs.append(r)
             run_dir = base / f"{v.name}-{rnd}"

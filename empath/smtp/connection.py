@@ -61,7 +61,6 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._gone = False
-        self._tcp: Any = None  # the TCP socket, for TCP_QUICKACK; None if not TCP
 
     # ---- for subclasses ---------------------------------------------------------
 
@@ -80,9 +79,6 @@ class Connection(asyncio.Protocol):
         # Not an isinstance check: uvloop's transports are not asyncio.Transport
         # subclasses, though they behave as one.
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._tcp = sock
         self.set_deadline()
         self._task = self.loop.create_task(self._run())
 
@@ -215,12 +211,13 @@ class Connection(asyncio.Protocol):
     def _ack_now(self) -> None:
         """Acknowledge what has arrived now rather than after the delayed-ACK timer (see
         the module docstring). The flag is not sticky: the kernel clears it again, so it
-        is set at each wait."""
-        if self._tcp is not None:
-            try:
-                self._tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                self._tcp = None  # closed under us, or not a TCP socket after all
+        is set at each wait. The socket is looked up here, not when the connection is
+        made: most messages arrive whole and never wait, and accepting a connection
+        should cost nothing for this."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # the connection went away meanwhile
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     # ---- writing ------------------------------------------------------------------
 
