@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -69,16 +70,20 @@ _REPLIES = {
 # ---------------------------------------------------------------------------- server
 
 
-def _commit(spool: Path, name: str, data: bytes) -> None:
-    """empath's commit discipline (empath/spool/store.py), without its checks."""
+def _commit(spool: Path, name: str, data: bytes, durable: bool = True) -> None:
+    """empath's commit discipline (empath/spool/store.py), without its checks.
+    ``durable=False`` is the same file work with no fsync: what the fsyncs cost."""
     tmp = spool / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, spool / "queue" / name)
+    if not durable:
+        return
     dfd = os.open(spool / "queue", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
@@ -86,10 +91,59 @@ def _commit(spool: Path, name: str, data: bytes) -> None:
         os.close(dfd)
 
 
+Done = Callable[["asyncio.Future[None]"], None]
+
+
+class _Journal:
+    """The other discipline: one append-only file per process, every DATA section a
+    length-prefixed record, and group commit — one fdatasync runs at a time on its own
+    thread and the next covers every record appended while it ran. A message costs one
+    write() on the event loop and a share of one fdatasync; no inode, no rename, no
+    directory sync. (A spool built this way also needs records for removal and a
+    checkpoint that moves long-lived messages out; neither is on the accept path.)"""
+
+    def __init__(self, spool: Path) -> None:
+        self.fd = os.open(spool / "queue" / f"journal-{os.getpid()}",
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.waiting: list[Done] = []
+        self.syncing = False
+
+    def commit(self, data: bytes, done: Done) -> None:
+        os.write(self.fd, len(data).to_bytes(4, "big") + data)
+        self.waiting.append(done)
+        if not self.syncing:
+            self._sync()
+
+    def _sync(self) -> None:
+        batch, self.waiting = self.waiting, []
+        self.syncing = True
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, os.fdatasync, self.fd)
+
+        def synced(fut: asyncio.Future[None]) -> None:
+            self.syncing = False
+            for done in batch:
+                done(fut)
+            if self.waiting:
+                self._sync()
+
+        fut.add_done_callback(synced)
+
+
+def journal_records(path: Path) -> int:
+    data, count, at = path.read_bytes(), 0, 0
+    while at + 4 <= len(data):
+        at += 4 + int.from_bytes(data[at:at + 4], "big")
+        count += at <= len(data)
+    return count
+
+
 class _Session(asyncio.Protocol):
     def __init__(self, spool: Path, pool: concurrent.futures.Executor,
-                 names: itertools.count[int]) -> None:
+                 names: itertools.count[int], discipline: str,
+                 journal: _Journal | None) -> None:
         self.spool, self.pool, self.names = spool, pool, names
+        self.discipline, self.journal = discipline, journal
         self.buf = b""
         self.state = "command"  # command | data | committing
         self.transport: asyncio.Transport | None = None
@@ -111,9 +165,13 @@ class _Session(asyncio.Protocol):
                     return
                 message, self.buf = self.buf[2:end + 2], self.buf[end + 5:]
                 self.state = "committing"
+                if self.journal is not None:
+                    self.journal.commit(message, self._committed)
+                    return
                 name = f"{os.getpid()}-{next(self.names)}.msg"
                 fut = asyncio.get_running_loop().run_in_executor(
-                    self.pool, _commit, self.spool, name, message)
+                    self.pool, _commit, self.spool, name, message,
+                    self.discipline == "files")
                 fut.add_done_callback(self._committed)
                 return
             nl = self.buf.find(b"\n")
@@ -139,7 +197,10 @@ class _Session(asyncio.Protocol):
         self._step()
 
 
-def serve(processes: int, port: int, spool: Path) -> None:
+DISCIPLINES = ("files", "journal", "none")
+
+
+def serve(processes: int, port: int, spool: Path, discipline: str = "files") -> None:
     for sub in ("tmp", "queue"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     sock = socket.socket()
@@ -156,7 +217,9 @@ def serve(processes: int, port: int, spool: Path) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Session(spool, pool, names), sock=sock)
+        journal = _Journal(spool) if discipline == "journal" else None
+        server = await loop.create_server(
+            lambda: _Session(spool, pool, names, discipline, journal), sock=sock)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -170,10 +233,11 @@ class FloorTarget:
 
     port = FLOOR_PORT
 
-    def __init__(self, base: Path, processes: int) -> None:
+    def __init__(self, base: Path, processes: int, discipline: str = "files") -> None:
         self.base = base
         self.processes = processes
-        self.label = f"floor p={processes}"
+        self.discipline = discipline
+        self.label = f"floor p={processes}" + ("" if discipline == "files" else f" {discipline}")
         self._proc: subprocess.Popen[bytes] | None = None
         self._run = 0
         self._spool = base
@@ -183,7 +247,8 @@ class FloorTarget:
         self._spool = self.base / f"floor-{self._run}"
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "serve", "--processes", str(self.processes),
-             "--port", str(self.port), "--dir", str(self._spool)],
+             "--port", str(self.port), "--dir", str(self._spool),
+             "--discipline", self.discipline],
             stdin=subprocess.DEVNULL, start_new_session=True)
         proc = self._proc
         wait_for_greeting(self.port, READY_TIMEOUT, alive=lambda: proc.poll() is None)
@@ -208,7 +273,10 @@ class FloorTarget:
                     break
                 time.sleep(0.05)
         queue = self._spool / "queue"
-        return Stored(expected, len(os.listdir(queue)) if queue.is_dir() else 0)
+        names = os.listdir(queue) if queue.is_dir() else []
+        if self.discipline == "journal":
+            return Stored(expected, sum(journal_records(queue / n) for n in names))
+        return Stored(expected, len(names))
 
 
 def main() -> int:
@@ -218,12 +286,17 @@ def main() -> int:
         sp.add_argument("--processes", type=int, default=2)
         sp.add_argument("--port", type=int, default=FLOOR_PORT)
         sp.add_argument("--dir", type=Path, required=True)
+        sp.add_argument("--discipline", choices=DISCIPLINES, default="files")
         s = sp.parse_args()
-        serve(s.processes, s.port, s.dir)
+        serve(s.processes, s.port, s.dir, s.discipline)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=2,
                     help="floor processes and empath workers")
+    ap.add_argument("--discipline", choices=DISCIPLINES, action="append",
+                    help="floor commit discipline, repeatable (default: files): files = "
+                    "empath's; journal = one append-only file per process with group "
+                    "fdatasync; none = the files without any fsync (not durable)")
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=4096)
@@ -239,8 +312,9 @@ def main() -> int:
     rounds: list[ThroughputRound] = []
     with scratch_dir(p, "empath-floor-", postfix=not a.skip_postfix) as tmp:
         postfix = PostfixInstance(tmp)
-        targets: list[Target] = [FloorTarget(tmp, a.processes),
-                                 EmpathTarget(tmp, a.empath_cmd, a.processes, standin=False)]
+        targets: list[Target] = [FloorTarget(tmp, a.processes, d)
+                                 for d in a.discipline or ["files"]]
+        targets.append(EmpathTarget(tmp, a.empath_cmd, a.processes, standin=False))
         targets += [] if a.skip_postfix else [postfix]
         try:
             if not a.skip_postfix:
@@ -261,16 +335,16 @@ def main() -> int:
     print(f"\ndurable accept, {a.messages} msgs x {a.size} B, {a.sessions} sessions, new "
           f"connection per message, {a.rounds} rounds; 1-min load {os.getloadavg()[0]:.2f} "
           "at the end")
-    print(f"{'target':<14} {'median msg/s':>12} {'min-max':>13} {'vs postfix':>10} "
+    print(f"{'target':<22} {'median msg/s':>12} {'min-max':>13} {'vs postfix':>10} "
           f"{'CPU ms/msg':>10}")
     for lb in labels:
         if not rate[lb]:
-            print(f"{lb:<14} {'failed':>12}")
+            print(f"{lb:<22} {'failed':>12}")
             continue
         med = statistics.median(rate[lb])
         ratio = f"{med / base:.2f}x" if base else "-"
         c = f"{statistics.median(cpu[lb]):.2f}" if cpu[lb] else "-"
-        print(f"{lb:<14} {med:12.1f} {min(rate[lb]):6.0f}-{max(rate[lb]):<6.0f} {ratio:>10} "
+        print(f"{lb:<22} {med:12.1f} {min(rate[lb]):6.0f}-{max(rate[lb]):<6.0f} {ratio:>10} "
               f"{c:>10}")
     if a.json:
         Path(a.json).write_text(json.dumps({"rates": rate, "cpu_ms_per_msg": cpu}, indent=2))
