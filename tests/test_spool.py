@@ -521,6 +521,47 @@ def test_fsync_failure_leaves_nothing(
     assert spool.ids() == [id]
 
 
+def test_failed_directory_sync_fails_exactly_the_commits_it_covered(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits pile up behind a directory sync that fails: each one either got its
+    sync and is queued, or was told it failed and left nothing behind."""
+    queue_ino = os.stat(spool.queue_dir).st_ino
+    real = store._fsync
+    dir_syncs = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal dir_syncs
+        if os.fstat(fd).st_ino == queue_ino:
+            dir_syncs += 1
+            if dir_syncs == 1:
+                time.sleep(0.05)
+                raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(store, "_fsync", fsync)
+
+    async def one() -> tuple[str, bool]:
+        w = spool.create()
+        w.write(MESSAGE)
+        try:
+            await spool.commit(w, make_env(w.id))
+        except SpoolError as exc:
+            assert exc.errno == errno.EIO
+            return w.id, False
+        return w.id, True
+
+    async def main() -> list[tuple[str, bool]]:
+        return await asyncio.gather(*(one() for _ in range(32)))
+
+    outcome = asyncio.run(main())
+    queued = sorted(id for id, ok in outcome if ok)
+    assert 1 <= len(queued) < 32  # the failed sync covered some; later ones succeeded
+    assert spool.ids() == queued
+    assert listing(spool.queue_dir) == sorted(f"{id}.msg" for id in queued)
+    assert listing(spool.tmp_dir) == []
+
+
 def test_write_error_reaches_caller_and_commit_refuses(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

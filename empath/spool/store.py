@@ -27,11 +27,12 @@ Performance: the file work runs on a thread pool owned by the spool, so fsyncs n
 block the event loop and concurrent fsyncs overlap (the filesystem journal merges
 them). A message that fits the writer's buffer is not even created before commit: its
 whole file life (create, write, fsync, rename) is the commit job. Each commit is one
-job on the pool, directory sync included, so the event loop hands it over once and
-hears back once. The fsync of ``queue/`` is shared by group commit among the pool's
-threads: every commit whose renames are done waits for one directory sync that
-*started after* its renames; syncs run one at a time, and the next one covers
-everybody who renamed while the current one ran.
+job on the pool. The fsync of ``queue/`` is shared by group commit, kept by the event
+loop: every commit whose rename is done waits for one directory sync that *started
+after* its rename; syncs run one at a time (a job on the pool), and the next one covers
+everybody who renamed while the current one ran. Bookkeeping on the loop costs a future
+per message; the same on the pool's threads cost a lock convoy — every thread woken in
+turn to find its rename already covered.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import os
 import re
 import secrets
 import stat
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -122,10 +122,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-class _DirSyncFailed(Exception):
-    """The commit's files were written but the fsync of queue/ failed (cause)."""
 
 
 def _spool_error(exc: BaseException, what: str) -> SpoolError:
@@ -292,13 +288,10 @@ class Spool:
         # File work (write, fsync, rename) of concurrent commits runs here in
         # parallel. Threads are only started on first use.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="empath-spool")
-        # Group commit of queue/ (pool side): changes made to the directory are
-        # numbered; ``_synced`` is the highest number an fsync that started after it
-        # has covered. One fsync runs at a time (``_sync_lock``).
-        self._seq_lock = threading.Lock()
-        self._sync_lock = threading.Lock()
-        self._changes = 0
-        self._synced = 0
+        # Group commit of queue/ (event loop side): who waits for the next fsync of
+        # the directory, and the one running, if any.
+        self._dir_waiters: list[asyncio.Future[None]] = []
+        self._dir_sync: asyncio.Future[None] | None = None
         # Ids renamed into queue/ whose commit has not returned: not yet promised to
         # anyone, and possibly undone, so ids() does not list them.
         self._inflight: set[str] = set()
@@ -389,11 +382,7 @@ class Spool:
         self._inflight.add(id)
         try:
             try:
-                await loop.run_in_executor(self._pool, self._commit_files, writer, env_bytes)
-            except _DirSyncFailed as exc:
-                writer._state = "aborted"
-                raise _spool_error(exc.__cause__ or exc,
-                                   f"cannot sync queue for message {id}") from exc
+                await loop.run_in_executor(self._pool, self._write_entry, writer, env_bytes)
             except Exception as exc:
                 # _write_entry undid its own work; this also covers it never having run
                 # (pool shut down).
@@ -401,20 +390,17 @@ class Spool:
                 writer._close()
                 writer._unlink()
                 raise _spool_error(exc, f"cannot commit message {id}") from exc
+            try:
+                await self._queue_dir_synced()
+            except Exception as exc:
+                # The name may or may not be durable; the client will get a 4xx and
+                # retry, so take the message back out rather than deliver it twice.
+                writer._state = "aborted"
+                await loop.run_in_executor(self._pool, self._unlink_committed, id)
+                raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
             writer._state = "committed"
         finally:
             self._inflight.discard(id)
-
-    def _commit_files(self, writer: SpoolWriter, env_bytes: bytes) -> None:
-        """Thread: the whole commit after the event loop's checks."""
-        self._write_entry(writer, env_bytes)
-        try:
-            self._queue_dir_synced(self._changed())
-        except Exception as exc:
-            # The names may or may not be durable; the client will get a 4xx and
-            # retry, so take the message back out rather than deliver it twice.
-            self._unlink_committed(writer.id)
-            raise _DirSyncFailed from exc
 
     def _write_entry(self, writer: SpoolWriter, env_bytes: bytes) -> None:
         """Thread: finish the data, append envelope and trailer, fsync, rename. Undo
@@ -450,27 +436,45 @@ class Spool:
         with contextlib.suppress(OSError):
             self._sync_dir(self.queue_dir)
 
-    # -- group commit of the queue directory (pool threads) -----------------
+    # -- group commit of the queue directory (event loop) --------------------
 
-    def _changed(self) -> int:
-        """Number a change just made in queue/ (a rename or unlink)."""
-        with self._seq_lock:
-            self._changes += 1
-            return self._changes
+    def _queue_dir_synced(self) -> asyncio.Future[None]:
+        """Done once an fsync of queue/ that started after this call has succeeded;
+        call it when the change to queue/ (rename, unlink) has been made.
 
-    def _queue_dir_synced(self, change: int) -> None:
-        """Return once an fsync of queue/ that started after ``change`` has succeeded.
+        A failed sync fails everybody it was to cover: the next one may well succeed
+        (the kernel reports a writeback error once) without the lost change being on
+        disk."""
+        loop = asyncio.get_running_loop()
+        if self._dir_sync is not None and self._dir_sync.get_loop() is not loop:
+            # Left running by a loop that has since closed: it never calls back.
+            self._dir_sync, self._dir_waiters = None, []
+        waiter = loop.create_future()
+        self._dir_waiters.append(waiter)
+        if self._dir_sync is None:
+            self._start_dir_sync(loop)
+        return waiter
 
-        Whoever holds the lock syncs for everybody who changed the directory before
-        the sync started; a failed sync fails only its caller, and the others try
-        again themselves."""
-        with self._sync_lock:
-            if self._synced >= change:
-                return
-            with self._seq_lock:
-                upto = self._changes
-            self._sync_dir(self.queue_dir)
-            self._synced = max(self._synced, upto)
+    def _start_dir_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._dir_waiters = self._dir_waiters, []
+        sync = self._dir_sync = loop.run_in_executor(self._pool, self._sync_dir, self.queue_dir)
+
+        def synced(sync: asyncio.Future[None]) -> None:
+            self._dir_sync = None
+            exc: BaseException | None = (
+                SpoolError(errno.EIO, "directory sync cancelled") if sync.cancelled()
+                else sync.exception())
+            for waiter in batch:
+                if waiter.done():  # its commit was cancelled (loop shutting down)
+                    continue
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+            if self._dir_waiters:
+                self._start_dir_sync(loop)
+
+        sync.add_done_callback(synced)
 
     @staticmethod
     def _sync_dir(path: Path) -> None:
@@ -539,11 +543,8 @@ class Spool:
         """``update`` for event-loop callers: file work in the pool, shared dir sync."""
         env_path = self._prepare_update(envelope)
         data = envelope.to_bytes()
-        await self._run(self._replace_env_synced, envelope.id, data, env_path)
-
-    def _replace_env_synced(self, id: str, data: bytes, env_path: str) -> None:
-        self._replace_env(id, data, env_path)
-        self._queue_dir_synced(self._changed())
+        await self._run(self._replace_env, envelope.id, data, env_path)
+        await self._queue_dir_synced()
 
     def _prepare_update(self, envelope: Envelope) -> str:
         msg_path, env_path = self._paths(envelope.id)
@@ -578,11 +579,8 @@ class Spool:
     async def remove_async(self, id: str) -> None:
         """``remove`` for event-loop callers: file work in the pool, shared dir sync."""
         self._paths(id)
-        await self._run(self._remove_files_synced, id)
-
-    def _remove_files_synced(self, id: str) -> None:
-        self._remove_files(id)
-        self._queue_dir_synced(self._changed())
+        await self._run(self._remove_files, id)
+        await self._queue_dir_synced()
 
     def _remove_files(self, id: str) -> None:
         msg_path, env_path = self._paths(id)
