@@ -3,12 +3,12 @@
     python bench/spool_commit.py [--dir DIR] [--seconds 3] [--rounds 3] [--size 4096]
                                  [-c 1 -c 50] [--threads 16] [--procs 1] [--baseline]
 
-Each committer is a coroutine that loops: create, write SIZE bytes, commit (fsync data
-and envelope, rename both, group fsync of queue/). With --procs N, N processes run the
-same load at once on one spool (as several daemon workers would). --baseline adds a
-run per concurrency where every commit does its own fsync of queue/ (no group commit),
-for comparison. Runs are interleaved over --rounds and the median is printed, since a
-shared disk is noisy. DIR must be on the filesystem to be measured (default: under the
+Each committer is a coroutine that loops: create, write SIZE bytes, commit (write the
+envelope after the data, fsync, rename into queue/, group fsync of queue/). With
+--procs N, N processes run the same load at once on one spool (as several daemon
+workers would). --baseline adds a run per concurrency where every commit does its own
+fsync of queue/ (no group commit), for comparison. Runs are interleaved over --rounds
+and the median is printed, since a shared disk is noisy. DIR must be on the filesystem to be measured (default: under the
 current directory; /tmp may be tmpfs where fsync costs nothing). Everything written is
 removed at the end.
 """
@@ -33,8 +33,8 @@ from empath.spool import Envelope, Recipient, Spool, store
 class _NoGroupSpool(Spool):
     """Baseline: each commit fsyncs queue/ itself, in the worker pool."""
 
-    async def _queue_dir_synced(self) -> None:
-        await self._run(self._sync_dir, self.queue_dir)
+    def _queue_dir_synced(self) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._run(self._sync_dir, self.queue_dir))
 
 
 async def _committer(spool: Spool, payload: bytes, deadline: float, lat: list[float]) -> int:

@@ -413,20 +413,26 @@ def relay_rows(res: dict[str, Any], p: Params) -> list[Row]:
 
     for w in p.relay_workers:
         e, u = f"empath w={w}", f"empath w={w} uvloop"
+
+        def per_target(value: Callable[[dict[str, Any]], float], e: str = e, u: str = u
+                       ) -> tuple[Spread | None, Spread | None, Spread | None]:
+            """One spread per column (empath, uvloop, postfix) of ``value`` of each
+            successful round."""
+            e_, u_, p_ = (Spread.of(value(r) for r in ok(x)) for x in (e, u, "postfix"))
+            return e_, u_, p_
+
         row = Row(f"relay.w{w}.rate", f"relay msg/s, w={w}", _spread_rates(rounds, e),
                   _spread_rates(rounds, u), pf, ratio=True, aim=f">= {RELAY_AIM}x postfix")
         row.met = _aim_ratio(row.empath, pf, RELAY_AIM)
         row.met_uvloop = _aim_ratio(row.uvloop, pf, RELAY_AIM)
         rows.append(row)
         rows.append(Row(f"relay.w{w}.peak_rss", f"relay peak RSS MiB, w={w}",
-                        *(Spread.of((r["peak_rss_bytes"] or 0) / MIB for r in ok(x))
-                          for x in (e, u, "postfix"))))
+                        *per_target(lambda r: (r["peak_rss_bytes"] or 0) / MIB)))
         rows.append(Row(f"relay.w{w}.cpu", f"relay CPU ms/msg, w={w}",
-                        *(Spread.of((r["cpu_seconds"] or 0) * 1000 / r["messages"] for r in ok(x))
-                          for x in (e, u, "postfix")), spec=".2f"))
+                        *per_target(lambda r: (r["cpu_seconds"] or 0) * 1000 / r["messages"]),
+                        spec=".2f"))
         rows.append(Row(f"relay.w{w}.out_conns", f"relay connections to the sink, w={w}",
-                        *(Spread.of(r["sink_sessions"] for r in ok(x))
-                          for x in (e, u, "postfix")), spec=".0f"))
+                        *per_target(lambda r: r["sink_sessions"]), spec=".0f"))
     return rows
 
 
