@@ -21,22 +21,34 @@ Every instance gets a network namespace of its own with only the loopback up, so
 its port 25 is not the host's (the system tests use that one) and two instances do
 not fight over it. Ansible and testinfra reach it through nsenter, not IP: the
 inventory's ansible_nsenter_pid reads WORK_ROOT/NAME/pid1, the container's systemd.
+
+What both drivers do the same way on the host (the Debian mirror, the build lock, the
+first changes to a debootstrap tree, finding and stopping nspawn) is in
+tests/system/nspawn_host.py, shared with the system tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+# This script runs under the system python3 from the checkout: the helpers it shares
+# with the system tests are found in the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.system.nspawn_host import (
+    container_init,
+    debian_mirror,
+    locked,
+    prepare_rootfs,
+    stop_nspawn,
+)
 
 SUITE = "bookworm"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-apt",
@@ -77,37 +89,7 @@ def run(cmd: list[str], *, timeout: float = 900.0, check: bool = True) -> str:
     return proc.stdout
 
 
-@contextlib.contextmanager
-def flock(path: Path, timeout: float) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise InstanceError(f"{path} still locked after {timeout:.0f} s") from None
-                time.sleep(0.5)
-        yield
-    finally:
-        os.close(fd)
-
-
 # ---- the cached rootfs ----------------------------------------------------------------
-
-
-def debian_mirror() -> str:
-    if os.environ.get("EMPATH_TEST_MIRROR"):
-        return os.environ["EMPATH_TEST_MIRROR"]
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if sources.exists():
-        for line in sources.read_text().splitlines():
-            if line.startswith("URIs:") and "security" not in line:
-                return line.split()[1]
-    return "http://deb.debian.org/debian"
 
 
 def deb_depends(deb: Path) -> set[str]:
@@ -149,7 +131,7 @@ def build_rootfs() -> Path:
         if shutil.which(tool) is None:
             raise InstanceError(f"{tool} not found (apt-get install systemd-container "
                                 f"debootstrap iproute2 util-linux)")
-    with flock(CACHE_ROOT / ".molecule-build.lock", timeout=900):
+    with locked(CACHE_ROOT / ".molecule-build.lock", 900, InstanceError):
         if done.exists():
             return target
         tmp = CACHE_ROOT / f".tmp-{target.name}-{os.getpid()}"
@@ -175,20 +157,9 @@ def build_rootfs() -> Path:
 
 
 def _prepare(root: Path) -> None:
-    (root / "etc/hostname").write_text("empath-molecule\n")
-    for unit in MASKED_UNITS:
-        link = root / "etc/systemd/system" / unit
-        link.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to("/dev/null")
-    # bookworm-updates and -security as well: python3-aiosmtpd must be the fixed one
-    # (the .deb asks for >= 1.4.3-1.1+deb12u1), and debootstrap wrote the release only.
-    host_sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if host_sources.exists() and not os.environ.get("EMPATH_TEST_MIRROR"):
-        shutil.copy2(host_sources, root / "etc/apt/sources.list.d/debian.sources")
-        with contextlib.suppress(FileNotFoundError):
-            (root / "etc/apt/sources.list").unlink()
+    # The host's sources bring bookworm-updates and -security: python3-aiosmtpd must be
+    # the fixed one (the .deb asks for >= 1.4.3-1.1+deb12u1).
+    prepare_rootfs(root, "empath-molecule", MASKED_UNITS)
     base = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--pipe",
             "-D", str(root), "--setenv=DEBIAN_FRONTEND=noninteractive"]
     run([*base, "apt-get", "-q", "update"])
@@ -223,25 +194,6 @@ def netns(name: str) -> str:
     return f"empath-mol-{name}"[:60]
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _in_container(pid1: int, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["nsenter", "-t", str(pid1), "-a", *cmd], capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -273,10 +225,7 @@ def up(name: str, rootfs: Path) -> dict[str, object]:
         if proc.poll() is not None:
             raise InstanceError(f"systemd-nspawn exited {proc.returncode}:\n"
                                 + console.read_text(errors="replace")[-4000:])
-        for child in _children(proc.pid):
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
-                    pid1 = child
+        pid1 = container_init(proc.pid)
         time.sleep(0.1)
     if pid1 is None:
         raise InstanceError(f"{name}: no systemd under nspawn {proc.pid}")
@@ -304,18 +253,7 @@ def down(name: str) -> bool:
     ns = netns(name)
     found = wd.exists() or Path(f"/run/netns/{ns}").exists()
     with contextlib.suppress(OSError, ValueError):
-        pid = int((wd / "nspawn.pid").read_text())
-        if _alive(pid) and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd-nspawn":
-            # SIGTERM to nspawn is a clean poweroff of the container.
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+        stop_nspawn(int((wd / "nspawn.pid").read_text()))
     root = wd / "root"
     if os.path.ismount(root) and subprocess.run(["umount", str(root)], capture_output=True,
                                                 check=False).returncode:

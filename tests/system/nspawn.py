@@ -30,7 +30,6 @@ package and opens a shell in it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -43,6 +42,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.system.nspawn_host import (
+    alive,
+    container_init,
+    debian_mirror,
+    is_nspawn,
+    locked,
+    prepare_rootfs,
+    stop_nspawn,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,24 +87,6 @@ class NspawnError(Exception):
 # ---- the cached rootfs ----------------------------------------------------------------
 
 
-def debian_mirror() -> str:
-    """The Debian mirror this host uses (first ``URIs:`` of debian.sources)."""
-    if os.environ.get("EMPATH_TEST_MIRROR"):
-        return os.environ["EMPATH_TEST_MIRROR"]
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if sources.exists():
-        for line in sources.read_text().splitlines():
-            if line.startswith("URIs:") and "security" not in line:
-                return line.split()[1]
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.exists():
-        for line in legacy.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
-                return parts[1]
-    return "http://deb.debian.org/debian"
-
-
 def rootfs_key() -> str:
     recipe = "\n".join([SUITE, RECIPE_VERSION, *sorted(PACKAGES), "prefetch:",
                         *sorted(PREFETCH), *MASKED_UNITS])
@@ -112,24 +103,9 @@ def missing_host_tools() -> list[str]:
             and not Path("/usr/sbin", t).exists()]
 
 
-@contextlib.contextmanager
-def _flock(path: Path, *, timeout: float, what: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise NspawnError(f"{what}: {path} is still locked after {timeout:.0f} s "
-                                      f"(another system-test run?)") from None
-                time.sleep(0.5)
-        yield
-    finally:
-        os.close(fd)
+def _locked(path: Path, *, timeout: float, what: str) -> contextlib.AbstractContextManager[None]:
+    return locked(path, timeout,
+                  lambda msg: NspawnError(f"{what}: {msg} (another system-test run?)"))
 
 
 def build_rootfs(log: object = print) -> Path:
@@ -144,7 +120,7 @@ def build_rootfs(log: object = print) -> Path:
     if missing:
         raise NspawnError(f"missing host tools: {', '.join(missing)} "
                           f"(apt-get install systemd-container debootstrap)")
-    with _flock(CACHE_ROOT / ".build.lock", timeout=900, what="rootfs build"):
+    with _locked(CACHE_ROOT / ".build.lock", timeout=900, what="rootfs build"):
         if (target / ".empath-rootfs-complete").exists():
             return target
         tmp = CACHE_ROOT / f".tmp-{target.name}-{os.getpid()}"
@@ -180,23 +156,9 @@ def build_rootfs(log: object = print) -> Path:
 
 def _prepare_rootfs(root: Path) -> None:
     """One-time changes to a fresh debootstrap tree."""
-    (root / "etc/hostname").write_text("empath-test\n")
-    for unit in MASKED_UNITS:
-        link = root / "etc/systemd/system" / unit
-        link.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to("/dev/null")
+    prepare_rootfs(root, "empath-test", MASKED_UNITS)
     # A persistent journal, as on a normal Debian host (journalctl -u … after restarts).
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
-    # The host's apt sources (bookworm, -updates, -security), as on an installed
-    # Debian 12; debootstrap wrote the release suite only.
-    host_sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if host_sources.exists() and not os.environ.get("EMPATH_TEST_MIRROR"):
-        (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(host_sources, root / "etc/apt/sources.list.d/debian.sources")
-        with contextlib.suppress(FileNotFoundError):
-            (root / "etc/apt/sources.list").unlink()
 
 
 def _prefetch(root: Path) -> None:
@@ -400,11 +362,9 @@ class Container:
             if self.proc.poll() is not None:
                 raise NspawnError(f"systemd-nspawn exited with {self.proc.returncode}:\n"
                                   + self.console())
-            for child in _children(self.proc.pid):
-                with contextlib.suppress(OSError):
-                    comm = Path(f"/proc/{child}/comm").read_text().strip()
-                    if comm == "systemd":
-                        return child
+            pid1 = container_init(self.proc.pid)
+            if pid1 is not None:
+                return pid1
             time.sleep(0.1)
         raise NspawnError("no container init found under systemd-nspawn:\n" + self.console())
 
@@ -501,18 +461,12 @@ def reap_stale(log: object = print) -> None:
         if not workdir.is_dir():
             continue
         owner = _read_pid(workdir / "owner.pid")
-        if owner is not None and _alive(owner):
+        if owner is not None and alive(owner):
             continue
         nspawn_pid = _read_pid(workdir / "nspawn.pid")
-        if nspawn_pid is not None and _alive(nspawn_pid) and _is_nspawn(nspawn_pid):
+        if nspawn_pid is not None and alive(nspawn_pid) and is_nspawn(nspawn_pid):
             say(f"system tests: stopping a stale container (nspawn pid {nspawn_pid})")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(nspawn_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while _alive(nspawn_pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(nspawn_pid, signal.SIGKILL)
+            stop_nspawn(nspawn_pid, timeout=30)
         root = workdir / "root"
         if os.path.ismount(root):
             subprocess.run(["umount", "-l", str(root)], check=False)
@@ -526,43 +480,15 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _is_nspawn(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "systemd-nspawn"
-    except OSError:
-        return False
-
-
 def _work_root() -> str:
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     return str(WORK_ROOT)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc, no procps needed)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid == pid:
-                    found.append(int(entry.name))
-    return found
-
-
 @contextlib.contextmanager
 def host_lock(timeout: float = 600.0) -> Iterator[None]:
     """Serialise booted containers on this host (they share port 25)."""
-    with _flock(HOST_LOCK, timeout=timeout, what="system tests"):
+    with _locked(HOST_LOCK, timeout=timeout, what="system tests"):
         yield
 
 
