@@ -8,9 +8,9 @@ envelope after the data, fsync, rename into queue/, group fsync of queue/). With
 --procs N, N processes run the same load at once on one spool (as several daemon
 workers would). --baseline adds a run per concurrency where every commit does its own
 fsync of queue/ (no group commit), for comparison. Runs are interleaved over --rounds
-and the median is printed, since a shared disk is noisy. DIR must be on the filesystem to be measured (default: under the
-current directory; /tmp may be tmpfs where fsync costs nothing). Everything written is
-removed at the end.
+and the median is printed, since a shared disk is noisy. DIR must be on the filesystem
+to be measured (default: under the current directory; /tmp may be tmpfs where fsync
+costs nothing). Everything written is removed at the end.
 """
 
 from __future__ import annotations
