@@ -1,5 +1,5 @@
-"""What bench/suite.py and bench/memory.py share: medians with their spread, a plain
-text table, the arguments every bench takes, and running empath on uvloop.
+"""What the benches share: medians with their spread, a plain text table, the
+arguments every bench takes, alternating rounds, and running empath on uvloop.
 
 uvloop without changing empath: ``empath run`` calls ``asyncio.run`` in the
 supervisor and in every worker (a separate ``python -m empath.daemon.worker``
@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,27 @@ def round_order(targets: Sequence[Any], rnd: int) -> list[Any]:
     """Round-robin, reversed every other round, so a drift in the machine's load
     falls on every target alike."""
     return list(targets) if rnd % 2 else list(reversed(targets))
+
+
+def alternate_rounds(targets: Sequence[accept.Target], rounds: int,
+                     postfix: accept.PostfixInstance | None,
+                     each: Callable[[accept.Target, int], None]) -> bool:
+    """Start the private Postfix (unless None), call ``each(target, round)`` for every
+    target of every round in ``round_order``, stop Postfix. False, the failure logged,
+    if a BenchError ended the rounds early."""
+    try:
+        if postfix is not None:
+            postfix.start()
+        for rnd in range(1, rounds + 1):
+            for target in round_order(targets, rnd):
+                each(target, rnd)
+    except accept.BenchError as exc:
+        accept.log(f"FAILED: {exc}")
+        return False
+    finally:
+        if postfix is not None:
+            postfix.stop()  # nothing to do if it never started
+    return True
 
 
 def stamp() -> str:

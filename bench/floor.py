@@ -40,19 +40,17 @@ from accept import (  # bench scripts import their sibling
     HOST,
     READY_TIMEOUT,
     STOP_TIMEOUT,
-    BenchError,
     EmpathTarget,
     Params,
     PostfixInstance,
     Stored,
     Target,
     ThroughputRound,
-    log,
     scratch_dir,
     throughput_round,
     wait_for_greeting,
 )
-from common import round_order
+from common import alternate_rounds
 
 FLOOR_PORT = 10031
 _REPLIES = {
@@ -140,10 +138,10 @@ def journal_records(path: Path) -> int:
 
 class _Session(asyncio.Protocol):
     def __init__(self, spool: Path, pool: concurrent.futures.Executor,
-                 names: itertools.count[int], discipline: str,
+                 names: itertools.count[int], durable: bool,
                  journal: _Journal | None) -> None:
         self.spool, self.pool, self.names = spool, pool, names
-        self.discipline, self.journal = discipline, journal
+        self.durable, self.journal = durable, journal
         self.buf = b""
         self.state = "command"  # command | data | committing
         self.transport: asyncio.Transport | None = None
@@ -170,8 +168,7 @@ class _Session(asyncio.Protocol):
                     return
                 name = f"{os.getpid()}-{next(self.names)}.msg"
                 fut = asyncio.get_running_loop().run_in_executor(
-                    self.pool, _commit, self.spool, name, message,
-                    self.discipline == "files")
+                    self.pool, _commit, self.spool, name, message, self.durable)
                 fut.add_done_callback(self._committed)
                 return
             nl = self.buf.find(b"\n")
@@ -219,7 +216,7 @@ def serve(processes: int, port: int, spool: Path, discipline: str = "files") -> 
         loop = asyncio.get_running_loop()
         journal = _Journal(spool) if discipline == "journal" else None
         server = await loop.create_server(
-            lambda: _Session(spool, pool, names, discipline, journal), sock=sock)
+            lambda: _Session(spool, pool, names, discipline != "none", journal), sock=sock)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -311,22 +308,14 @@ def main() -> int:
                skip_postfix=a.skip_postfix, tmpdir=None, keep_tmp=False)
     rounds: list[ThroughputRound] = []
     with scratch_dir(p, "empath-floor-", postfix=not a.skip_postfix) as tmp:
-        postfix = PostfixInstance(tmp)
+        postfix = None if a.skip_postfix else PostfixInstance(tmp)
         targets: list[Target] = [FloorTarget(tmp, a.processes, d)
                                  for d in a.discipline or ["files"]]
         targets.append(EmpathTarget(tmp, a.empath_cmd, a.processes, standin=False))
-        targets += [] if a.skip_postfix else [postfix]
-        try:
-            if not a.skip_postfix:
-                postfix.start()
-            for rnd in range(1, a.rounds + 1):
-                for target in round_order(targets, rnd):
-                    rounds.append(throughput_round(target, p, rnd))
-        except BenchError as exc:
-            log(f"FAILED: {exc}")
+        targets += [] if postfix is None else [postfix]
+        if not alternate_rounds(targets, a.rounds, postfix,
+                                lambda t, rnd: rounds.append(throughput_round(t, p, rnd))):
             return 1
-        finally:
-            postfix.stop()  # nothing to do if it never started
     labels = [t.label for t in targets]
     rate = {lb: [r.rate for r in rounds if r.target == lb and r.rate] for lb in labels}
     cpu = {lb: [1000 * r.cpu_seconds / a.messages for r in rounds

@@ -35,7 +35,6 @@ from accept import (  # bench scripts import their sibling
     HOST,
     RECIPIENT,
     SENDER,
-    BenchError,
     EmpathTarget,
     Params,
     PostfixInstance,
@@ -47,7 +46,7 @@ from accept import (  # bench scripts import their sibling
     percentile,
     scratch_dir,
 )
-from common import round_order
+from common import alternate_rounds
 
 SESSION_TIMEOUT = 120.0
 
@@ -147,26 +146,20 @@ def main() -> int:
                latency_messages=0, latency_connections=0, empath_cmd=a.empath_cmd,
                standin=False, skip_postfix=a.skip_postfix, tmpdir=None, keep_tmp=False)
     passes: list[Pass] = []
+    def both_clients(target: Target, rnd: int) -> None:
+        for client in ("nagle", "nodelay"):
+            r = one_pass(target, client, rnd, a)
+            passes.append(r)
+            med = statistics.median(r.samples_ms) if r.samples_ms else math.nan
+            log(f"{target.label:<12} {client:<7} round {rnd}: {r.messages} msgs, "
+                f"p50 {med:.2f} ms" + (f"  FAILED: {r.error}" if r.error else ""))
+
     with scratch_dir(p, "empath-nagle-", postfix=not a.skip_postfix) as tmp:
-        postfix = PostfixInstance(tmp)
+        postfix = None if a.skip_postfix else PostfixInstance(tmp)
         targets: list[Target] = [EmpathTarget(tmp, a.empath_cmd, a.workers, standin=False)]
-        targets += [] if a.skip_postfix else [postfix]
-        try:
-            if not a.skip_postfix:
-                postfix.start()
-            for rnd in range(1, a.rounds + 1):
-                for target in round_order(targets, rnd):
-                    for client in ("nagle", "nodelay"):
-                        r = one_pass(target, client, rnd, a)
-                        passes.append(r)
-                        med = statistics.median(r.samples_ms) if r.samples_ms else math.nan
-                        log(f"{target.label:<12} {client:<7} round {rnd}: {r.messages} msgs, "
-                            f"p50 {med:.2f} ms" + (f"  FAILED: {r.error}" if r.error else ""))
-        except BenchError as exc:
-            log(f"FAILED: {exc}")
+        targets += [] if postfix is None else [postfix]
+        if not alternate_rounds(targets, a.rounds, postfix, both_clients):
             return 1
-        finally:
-            postfix.stop()  # nothing to do if it never started
     print(f"\n'.' -> 250 on reused connections: {a.connections} sessions x {a.messages} msgs "
           f"x {a.rounds} rounds, {a.size} B body, the '.' written separately; "
           f"1-min load {os.getloadavg()[0]:.2f} at the end")
