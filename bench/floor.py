@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import json
 import os
@@ -92,23 +93,17 @@ def _commit(spool: Path, name: str, data: bytes, durable: bool = True) -> None:
 Done = Callable[["asyncio.Future[None]"], None]
 
 
-class _Journal:
-    """The other discipline: one append-only file per process, every DATA section a
-    length-prefixed record, and group commit — one fdatasync runs at a time on its own
-    thread and the next covers every record appended while it ran. A message costs one
-    write() on the event loop and a share of one fdatasync; no inode, no rename, no
-    directory sync. (A spool built this way also needs records for removal and a
-    checkpoint that moves long-lived messages out; neither is on the accept path.)"""
+class _GroupSync:
+    """Group commit: one sync call runs at a time on its own thread, and the next one
+    covers every commit registered while it ran."""
 
-    def __init__(self, spool: Path) -> None:
-        self.fd = os.open(spool / "queue" / f"journal-{os.getpid()}",
-                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
         self.pool = concurrent.futures.ThreadPoolExecutor(1)
         self.waiting: list[Done] = []
         self.syncing = False
 
-    def commit(self, data: bytes, done: Done) -> None:
-        os.write(self.fd, len(data).to_bytes(4, "big") + data)
+    def wait(self, done: Done) -> None:
         self.waiting.append(done)
         if not self.syncing:
             self._sync()
@@ -116,7 +111,7 @@ class _Journal:
     def _sync(self) -> None:
         batch, self.waiting = self.waiting, []
         self.syncing = True
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, os.fdatasync, self.fd)
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.sync)
 
         def synced(fut: asyncio.Future[None]) -> None:
             self.syncing = False
@@ -126,6 +121,39 @@ class _Journal:
                 self._sync()
 
         fut.add_done_callback(synced)
+
+
+class _Journal:
+    """The other discipline: one append-only file per process, every DATA section a
+    length-prefixed record, and a group fdatasync. A message costs one write() on the
+    event loop and a share of one fdatasync; no inode, no rename, no directory sync.
+    (A spool built this way also needs records for removal and a checkpoint that moves
+    long-lived messages out; neither is on the accept path.)"""
+
+    def __init__(self, spool: Path) -> None:
+        self.fd = os.open(spool / "queue" / f"journal-{os.getpid()}",
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.group = _GroupSync(lambda: os.fdatasync(self.fd))
+
+    def commit(self, data: bytes, done: Done) -> None:
+        os.write(self.fd, len(data).to_bytes(4, "big") + data)
+        self.group.wait(done)
+
+
+def _syncfs_group(spool: Path) -> _GroupSync:
+    """The third durable discipline: empath's files, written and renamed without an
+    fsync, then one syncfs() of the spool's filesystem for every batch — a file per
+    message, the flush count of a journal. (syncfs flushes the whole filesystem, so
+    anything else writing to it makes each batch slower.)"""
+    fd = os.open(spool / "queue", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)  # os has no syncfs
+
+    def sync() -> None:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return _GroupSync(sync)
 
 
 def journal_records(path: Path) -> int:
@@ -139,9 +167,9 @@ def journal_records(path: Path) -> int:
 class _Session(asyncio.Protocol):
     def __init__(self, spool: Path, pool: concurrent.futures.Executor,
                  names: itertools.count[int], durable: bool,
-                 journal: _Journal | None) -> None:
+                 journal: _Journal | None, group: _GroupSync | None) -> None:
         self.spool, self.pool, self.names = spool, pool, names
-        self.durable, self.journal = durable, journal
+        self.durable, self.journal, self.group = durable, journal, group
         self.buf = b""
         self.state = "command"  # command | data | committing
         self.transport: asyncio.Transport | None = None
@@ -169,7 +197,7 @@ class _Session(asyncio.Protocol):
                 name = f"{os.getpid()}-{next(self.names)}.msg"
                 fut = asyncio.get_running_loop().run_in_executor(
                     self.pool, _commit, self.spool, name, message, self.durable)
-                fut.add_done_callback(self._committed)
+                fut.add_done_callback(self._written if self.group else self._committed)
                 return
             nl = self.buf.find(b"\n")
             if nl < 0:
@@ -183,6 +211,13 @@ class _Session(asyncio.Protocol):
                 self.transport.close()
                 return
 
+    def _written(self, fut: asyncio.Future[None]) -> None:
+        assert self.group is not None
+        if fut.exception() is not None:
+            self._committed(fut)
+        else:
+            self.group.wait(self._committed)
+
     def _committed(self, fut: asyncio.Future[None]) -> None:
         if self.transport is None or self.transport.is_closing():
             return
@@ -194,7 +229,7 @@ class _Session(asyncio.Protocol):
         self._step()
 
 
-DISCIPLINES = ("files", "journal", "none")
+DISCIPLINES = ("files", "journal", "syncfs", "none")
 
 
 def serve(processes: int, port: int, spool: Path, discipline: str = "files") -> None:
@@ -215,8 +250,10 @@ def serve(processes: int, port: int, spool: Path, discipline: str = "files") -> 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         journal = _Journal(spool) if discipline == "journal" else None
+        group = _syncfs_group(spool) if discipline == "syncfs" else None
+        durable = discipline == "files"  # syncfs: the files are synced by the group
         server = await loop.create_server(
-            lambda: _Session(spool, pool, names, discipline != "none", journal), sock=sock)
+            lambda: _Session(spool, pool, names, durable, journal, group), sock=sock)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -241,7 +278,7 @@ class FloorTarget:
 
     def begin(self) -> int:
         self._run += 1
-        self._spool = self.base / f"floor-{self._run}"
+        self._spool = self.base / f"floor-{self.discipline}-{self._run}"  # one per target
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "serve", "--processes", str(self.processes),
              "--port", str(self.port), "--dir", str(self._spool),
@@ -293,7 +330,8 @@ def main() -> int:
     ap.add_argument("--discipline", choices=DISCIPLINES, action="append",
                     help="floor commit discipline, repeatable (default: files): files = "
                     "empath's; journal = one append-only file per process with group "
-                    "fdatasync; none = the files without any fsync (not durable)")
+                    "fdatasync; syncfs = empath's files with no fsync and a group syncfs of "
+                    "the file system; none = the files without any fsync (not durable)")
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=4096)
