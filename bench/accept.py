@@ -1110,7 +1110,9 @@ class _ScratchParams(Protocol):
 def scratch_dir(p: _ScratchParams, prefix: str = "empath-accept-", *,
                 postfix: bool = True) -> Iterator[Path]:
     """A temp directory for one bench run, removed afterwards unless ``keep_tmp``."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=p.tmpdir))
+    # Absolute (mkdtemp keeps a relative --tmpdir relative): the state_dir written into
+    # empath's config must be, and the servers run in directories of their own.
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=p.tmpdir)).resolve()
     if postfix:
         tmp.chmod(0o755)  # Postfix daemons run as 'postfix' and must reach their queue
     try:

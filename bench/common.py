@@ -176,8 +176,11 @@ def uvloop_shim(directory: Path) -> Path:
 
 
 def uvloop_cmd(empath_cmd: str, shim: Path, site: Path | None) -> str:
-    """``empath_cmd`` run with EMPATH_UVLOOP=1 and the shim first on PYTHONPATH."""
-    parts = [str(shim), str(site) if site else "", str(REPO), os.environ.get("PYTHONPATH", "")]
+    """``empath_cmd`` run with EMPATH_UVLOOP=1 and the shim first on PYTHONPATH.
+    Absolute paths: empath runs in its own directory, where a relative entry would
+    name nothing (and the bench's check that uvloop is loaded would fail the round)."""
+    parts = [str(shim.resolve()), str(site.resolve()) if site else "", str(REPO),
+             os.environ.get("PYTHONPATH", "")]
     path = os.pathsep.join(p for p in parts if p)
     return f"env EMPATH_UVLOOP=1 PYTHONPATH={shlex.quote(path)} {empath_cmd}"
 

@@ -140,11 +140,32 @@ class _Journal:
         self.group.wait(done)
 
 
-def _syncfs_group(spool: Path) -> _GroupSync:
-    """The third durable discipline: empath's files, written and renamed without an
-    fsync, then one syncfs() of the spool's filesystem for every batch — a file per
-    message, the flush count of a journal. (syncfs flushes the whole filesystem, so
-    anything else writing to it makes each batch slower.)"""
+class _Files:
+    """empath's files (``_commit``) on a pool of 16 threads: fsync'ed each (``files``),
+    not at all (``none``), or made durable by ``then``, a group sync run after the
+    rename (``syncfs``)."""
+
+    def __init__(self, spool: Path, durable: bool, then: _GroupSync | None = None) -> None:
+        self.spool, self.durable, self.then = spool, durable, then
+        self.pool = concurrent.futures.ThreadPoolExecutor(16)
+        self.names = itertools.count()
+
+    def commit(self, data: bytes, done: Done) -> None:
+        name = f"{os.getpid()}-{next(self.names)}.msg"
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.pool, _commit, self.spool, name, data, self.durable)
+        then = self.then
+        if then is None:
+            fut.add_done_callback(done)
+        else:
+            fut.add_done_callback(lambda f: done(f) if f.exception() else then.wait(done))
+
+
+def _syncfs(spool: Path) -> _GroupSync:
+    """The third durable discipline's group sync: one syncfs() of the spool's filesystem
+    for every batch of renamed files — a file per message, the flush count of a
+    journal. (syncfs flushes the whole filesystem, so anything else writing to it makes
+    each batch slower.)"""
     fd = os.open(spool / "queue", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     libc = ctypes.CDLL(None, use_errno=True)  # os has no syncfs
 
@@ -156,6 +177,14 @@ def _syncfs_group(spool: Path) -> _GroupSync:
     return _GroupSync(sync)
 
 
+def _committer(discipline: str, spool: Path) -> Callable[[bytes, Done], None]:
+    if discipline == "journal":
+        return _Journal(spool).commit
+    if discipline == "syncfs":
+        return _Files(spool, durable=False, then=_syncfs(spool)).commit
+    return _Files(spool, durable=discipline == "files").commit
+
+
 def journal_records(path: Path) -> int:
     data, count, at = path.read_bytes(), 0, 0
     while at + 4 <= len(data):
@@ -165,11 +194,8 @@ def journal_records(path: Path) -> int:
 
 
 class _Session(asyncio.Protocol):
-    def __init__(self, spool: Path, pool: concurrent.futures.Executor,
-                 names: itertools.count[int], durable: bool,
-                 journal: _Journal | None, group: _GroupSync | None) -> None:
-        self.spool, self.pool, self.names = spool, pool, names
-        self.durable, self.journal, self.group = durable, journal, group
+    def __init__(self, commit: Callable[[bytes, Done], None]) -> None:
+        self.commit = commit
         self.buf = b""
         self.state = "command"  # command | data | committing
         self.transport: asyncio.Transport | None = None
@@ -191,13 +217,7 @@ class _Session(asyncio.Protocol):
                     return
                 message, self.buf = self.buf[2:end + 2], self.buf[end + 5:]
                 self.state = "committing"
-                if self.journal is not None:
-                    self.journal.commit(message, self._committed)
-                    return
-                name = f"{os.getpid()}-{next(self.names)}.msg"
-                fut = asyncio.get_running_loop().run_in_executor(
-                    self.pool, _commit, self.spool, name, message, self.durable)
-                fut.add_done_callback(self._written if self.group else self._committed)
+                self.commit(message, self._committed)
                 return
             nl = self.buf.find(b"\n")
             if nl < 0:
@@ -210,13 +230,6 @@ class _Session(asyncio.Protocol):
             elif verb == b"QUIT":
                 self.transport.close()
                 return
-
-    def _written(self, fut: asyncio.Future[None]) -> None:
-        assert self.group is not None
-        if fut.exception() is not None:
-            self._committed(fut)
-        else:
-            self.group.wait(self._committed)
 
     def _committed(self, fut: asyncio.Future[None]) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -244,16 +257,11 @@ def serve(processes: int, port: int, spool: Path, discipline: str = "files") -> 
         if os.fork() == 0:
             break
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    pool = concurrent.futures.ThreadPoolExecutor(16)
-    names = itertools.count()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        journal = _Journal(spool) if discipline == "journal" else None
-        group = _syncfs_group(spool) if discipline == "syncfs" else None
-        durable = discipline == "files"  # syncfs: the files are synced by the group
-        server = await loop.create_server(
-            lambda: _Session(spool, pool, names, durable, journal, group), sock=sock)
+        commit = _committer(discipline, spool)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _Session(commit), sock=sock)
         await server.serve_forever()
 
     asyncio.run(main())

@@ -578,9 +578,7 @@ def resolve_uvloop(p: Params) -> tuple[str | None, Path | None]:
     if p.uvloop == "off":
         return None, None
     python = common.empath_python(p.empath_cmd)
-    # Absolute: empath runs in its own directory, where a relative PYTHONPATH entry
-    # would name nothing (the bench's check that uvloop is loaded then fails the round).
-    site = Path(p.uvloop_site).resolve() if p.uvloop_site else None
+    site = Path(p.uvloop_site) if p.uvloop_site else None
     version = common.uvloop_available(python, None)
     if version:
         return version, None
