@@ -978,3 +978,92 @@ def test_to_bytes_refuses_what_would_not_load() -> None:
     ):
         with pytest.raises(ValueError):
             env.to_bytes()
+
+
+# -- the syncer: how the SMTP workers commit (empath/spool/syncer.py) --------
+
+
+@pytest.fixture
+def synced(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", syncer=True)
+    s.prepare()
+    yield s
+    s.close()
+
+
+def syncer_pid(spool: Spool) -> int:
+    proc = spool._syncer._proc if spool._syncer is not None else None
+    assert proc is not None, "no syncer running"
+    return proc.pid
+
+
+def test_syncer_commits_concurrent_messages_into_queue(synced: Spool) -> None:
+    big = MESSAGE * 2000  # past the writer's buffer: written as it arrives
+    async def main() -> list[str]:
+        return await asyncio.gather(*(commit_one(synced, MESSAGE + str(i).encode())
+                                      for i in range(50)), commit_one(synced, big))
+
+    ids = asyncio.run(main())
+    assert synced.ids() == sorted(ids)
+    for i, id in enumerate(ids[:50]):
+        with synced.open_data(id) as f:
+            assert f.read() == MESSAGE + str(i).encode()
+        assert synced.load(id).sender == "alice@example.org"
+    with synced.open_data(ids[50]) as f:
+        assert f.read() == big
+    assert listing(synced.tmp_dir) == []
+    # The syncer is a process of its own, not a thread of ours.
+    assert syncer_pid(synced) != os.getpid()
+    assert os.path.exists(f"/proc/{syncer_pid(synced)}")
+
+
+def test_syncer_rename_failure_fails_the_commit_and_leaves_nothing(synced: Spool) -> None:
+    async def main() -> str:
+        w = synced.create()
+        w.write(MESSAGE)
+        (synced.queue_dir / f"{w.id}.msg").mkdir()  # rename(2) onto a directory fails
+        with pytest.raises(SpoolError) as err:
+            await synced.commit(w, make_env(w.id))
+        assert err.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+        (synced.queue_dir / f"{w.id}.msg").rmdir()
+        return await commit_one(synced, MESSAGE)  # the next one is fine
+
+    good = asyncio.run(main())
+    assert synced.ids() == [good]
+    assert listing(synced.tmp_dir) == []
+
+
+def test_syncer_killed_mid_commit_fails_it_and_a_new_one_takes_over(synced: Spool) -> None:
+    import signal
+
+    async def main() -> tuple[str, int, int]:
+        first = await commit_one(synced, MESSAGE)
+        old = syncer_pid(synced)
+        os.kill(old, signal.SIGSTOP)  # holds the next id unanswered...
+        w = synced.create()
+        w.write(MESSAGE)
+        pending = asyncio.ensure_future(synced.commit(w, make_env(w.id)))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        os.kill(old, signal.SIGKILL)  # ...and dies with it outstanding
+        with pytest.raises(SpoolError):
+            await pending
+        second = await commit_one(synced, MESSAGE)
+        return first + " " + second, old, syncer_pid(synced)
+
+    ids, old, new = asyncio.run(main())
+    assert new != old
+    # The failed message is gone from tmp/ and queue/ (its client got a 4xx and sends
+    # it again); the two others are committed.
+    assert synced.ids() == sorted(ids.split())
+    assert listing(synced.tmp_dir) == []
+
+
+def test_syncer_exits_when_the_spool_closes(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", syncer=True)
+    s.prepare()
+    asyncio.run(commit_one(s, MESSAGE))
+    proc = s._syncer._proc if s._syncer is not None else None
+    assert proc is not None and proc.poll() is None
+    s.close()
+    assert proc.poll() is not None  # reaped: no zombie, no orphan

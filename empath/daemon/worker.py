@@ -79,7 +79,8 @@ class Worker:
         setup_logging(cfg.log.level)
         # The supervisor's spool, not the config's: a reloaded state_dir takes effect
         # only at restart, and a worker restarted meanwhile must not follow it early.
-        spool = Spool(Path(first["spool"]) if first.get("spool") else cfg.spool_dir)
+        spool = Spool(Path(first["spool"]) if first.get("spool") else cfg.spool_dir,
+                      syncer=True)
         self.front = front = Front(
             cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued,
             auth_failed=self.auth_failed,

@@ -23,16 +23,22 @@ then may the SMTP layer answer 250. Removal unlinks ``.msg`` first (the message 
 existing), then ``.env``: the other order could bring the message back with its
 original envelope, all recipients pending, after a crash in between.
 
-Performance: the file work runs on a thread pool owned by the spool, so fsyncs never
-block the event loop and concurrent fsyncs overlap (the filesystem journal merges
-them). A message that fits the writer's buffer is not even created before commit: its
-whole file life (create, write, fsync, rename) is the commit job. Each commit is one
-job on the pool. The fsync of ``queue/`` is shared by group commit, kept by the event
-loop: every commit whose rename is done waits for one directory sync that *started
-after* its rename; syncs run one at a time (a job on the pool), and the next one covers
-everybody who renamed while the current one ran. Bookkeeping on the loop costs a future
-per message; the same on the pool's threads cost a lock convoy — every thread woken in
-turn to find its rename already covered.
+Performance: in an SMTP worker (``Spool(syncer=True)``) the fsyncs and renames run
+in a process of its own, the syncer (empath/spool/syncer.py): the event loop writes and
+closes the file in ``tmp/`` (page cache only), sends the id, and the syncer fsyncs the
+file, renames it, fsyncs ``queue/`` once for every id it read in one go, and answers.
+On a thread pool instead, each of those blocking calls would give the GIL up and take
+it back from the busy event loop — a futex hand-off per syscall — and under load that
+costs more CPU than the calls themselves (bench/README.md, ``floor.py``). Elsewhere
+(the supervisor, tools, tests) the file work runs on a thread pool owned by the
+spool, so fsyncs never block the event loop and concurrent fsyncs overlap. A message
+that fits the writer's buffer is not even created before commit: its whole file life
+(create, write, fsync, rename) is the commit job. The fsync of ``queue/`` is shared by
+group commit, kept by the event loop: every commit whose rename is done waits for one
+directory sync that *started after* its rename; syncs run one at a time (a job on the
+pool), and the next one covers everybody who renamed while the current one ran.
+Bookkeeping on the loop costs a future per message; the same on the pool's threads cost
+a lock convoy — every thread woken in turn to find its rename already covered.
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ import logging
 import os
 import re
 import secrets
+import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -119,7 +128,17 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
-def _unlink_quietly(path: Path) -> None:
+def _finish_file(writer: SpoolWriter, env_bytes: bytes) -> None:
+    """Write what is buffered, then the envelope line and its trailer (no fsync)."""
+    writer._open()
+    buf = writer._buf
+    buf += env_bytes
+    buf += ENVELOPE_TRAILER % len(env_bytes)
+    _write_all(writer._fd, buf)
+    buf.clear()
+
+
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
@@ -279,8 +298,134 @@ class SpoolWriter:
         self.abort()
 
 
+class _SyncerGone(SpoolError):
+    """The syncer exited with ids outstanding: what became of their files is unknown."""
+
+
+class _Syncer:
+    """The event loop's side of empath/spool/syncer.py: ids go out in one write per
+    loop turn, answers come back through a reader callback, a future per id. Started on
+    first use; a syncer that died is started again by the next commit."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._out = bytearray()
+        self._in = b""
+        self._writing = False
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "empath.spool.syncer", str(theirs.fileno()),
+                 str(self.root)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock, self._loop = ours, loop
+        loop.add_reader(ours.fileno(), self._readable)
+
+    def sync(self, id: str) -> asyncio.Future[None]:
+        """Done once ``tmp/<id>.msg`` is fsync'ed, renamed into ``queue/`` and ``queue/``
+        fsync'ed; fails with SpoolError (nothing left of the message) or _SyncerGone."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._stop()  # left by a loop that has closed (tests run several)
+        if self._sock is None:
+            self._start(loop)
+        fut = loop.create_future()
+        self._waiting[id] = fut
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out += id.encode("ascii") + b"\n"
+        return fut
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None or not self._out:
+            return
+        try:
+            n = sock.send(self._out)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._gone()
+            return
+        del self._out[:n]
+        if self._out and not self._writing and self._loop is not None:
+            self._writing = True  # the socket is full: go on when it takes more
+            self._loop.add_writer(sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
+        self._writing = False
+        self._flush()
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._gone()
+            return
+        *lines, self._in = (self._in + data).split(b"\n")
+        for line in lines:
+            id, _, rest = line.decode("ascii", "replace").partition(" ")
+            err, _, text = rest.partition(" ")
+            fut = self._waiting.pop(id, None)
+            if fut is None or fut.done():
+                continue
+            if err == "0":
+                fut.set_result(None)
+            else:
+                fut.set_exception(SpoolError(int(err) if err.isdigit() else errno.EIO, text))
+
+    def _gone(self) -> None:
+        self._stop()
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(_SyncerGone(errno.EIO, "the spool syncer exited"))
+
+    def _stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+                if self._writing:
+                    self._loop.remove_writer(sock.fileno())
+            self._writing = False
+            sock.close()  # the syncer sees EOF and exits
+        self._out.clear()
+        self._in = b""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:  # stuck in an fsync of a dead disk
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        self._stop()
+
+
 class Spool:
-    def __init__(self, root: Path, *, threads: int = DEFAULT_THREADS) -> None:
+    def __init__(self, root: Path, *, threads: int = DEFAULT_THREADS,
+                 syncer: bool = False) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.queue_dir = self.root / "queue"
@@ -297,6 +442,9 @@ class Spool:
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._free, self._free_at = 0, float("-inf")
+        # syncer=True (the SMTP workers): commits are made durable by a process of
+        # their own (empath/spool/syncer.py) instead of the pool.
+        self._syncer = _Syncer(self.root) if syncer else None
 
     # -- setup ---------------------------------------------------------------
 
@@ -330,7 +478,9 @@ class Spool:
                 raise _spool_error(exc, f"cannot sync {self.root}") from exc
 
     def close(self) -> None:
-        """Stop the worker threads (waits for running file work)."""
+        """Stop the worker threads (waits for running file work) and the syncer."""
+        if self._syncer is not None:
+            self._syncer.close()
         self._pool.shutdown(wait=True)
 
     # -- writing -------------------------------------------------------------
@@ -380,6 +530,12 @@ class Spool:
         id = writer.id
         loop = asyncio.get_running_loop()
         self._inflight.add(id)
+        if self._syncer is not None:
+            try:
+                await self._commit_by_syncer(self._syncer, writer, env_bytes)
+            finally:
+                self._inflight.discard(id)
+            return
         try:
             try:
                 await loop.run_in_executor(self._pool, self._write_entry, writer, env_bytes)
@@ -402,6 +558,38 @@ class Spool:
         finally:
             self._inflight.discard(id)
 
+    async def _commit_by_syncer(self, syncer: _Syncer, writer: SpoolWriter,
+                                env_bytes: bytes) -> None:
+        """Write the rest of the file here (page cache only), then let the syncer do
+        fsync, rename and the directory fsync."""
+        id = writer.id
+        try:
+            _finish_file(writer, env_bytes)
+            writer._close()
+        except OSError as exc:
+            writer._state = "aborted"
+            writer._close()
+            writer._unlink()
+            raise _spool_error(exc, f"cannot commit message {id}") from exc
+        writer._created = False  # the syncer's now: it renames or removes it
+        try:
+            await syncer.sync(id)
+        except _SyncerGone as exc:
+            # It may have renamed the file, and queue/ may or may not have been synced:
+            # take the message back out, as when a directory sync fails.
+            writer._state = "aborted"
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self._unlink_uncommitted, id)
+            raise _spool_error(exc, f"cannot commit message {id}") from exc
+        except Exception as exc:
+            writer._state = "aborted"
+            raise _spool_error(exc, f"cannot commit message {id}") from exc
+        writer._state = "committed"
+
+    def _unlink_uncommitted(self, id: str) -> None:
+        _unlink_quietly(self.tmp_dir / f"{id}.msg")
+        self._unlink_committed(id)
+
     def _write_entry(self, writer: SpoolWriter, env_bytes: bytes) -> None:
         """Thread: finish the data, append envelope and trailer, fsync, rename. Undo
         on error."""
@@ -409,12 +597,7 @@ class Spool:
         q_msg = self.queue_dir / f"{writer.id}.msg"
         renamed = False
         try:
-            writer._open()
-            buf = writer._buf
-            buf += env_bytes
-            buf += ENVELOPE_TRAILER % len(env_bytes)
-            _write_all(writer._fd, buf)
-            buf.clear()
+            _finish_file(writer, env_bytes)
             # fsync before rename: a name must never become durable before the bytes
             # it names.
             _fsync(writer._fd)
