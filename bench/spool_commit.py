@@ -69,7 +69,7 @@ async def _run(
     dir_syncs = 0
     real_sync_dir = store.Spool._sync_dir
 
-    def counting_sync_dir(path: Path) -> None:
+    def counting_sync_dir(path: str | Path) -> None:
         nonlocal dir_syncs
         if path == spool.queue_dir:
             dir_syncs += 1

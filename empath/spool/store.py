@@ -528,35 +528,37 @@ class Spool:
 
     async def _commit(self, writer: SpoolWriter, env_bytes: bytes) -> None:
         id = writer.id
-        loop = asyncio.get_running_loop()
         self._inflight.add(id)
-        if self._syncer is not None:
-            try:
-                await self._commit_by_syncer(self._syncer, writer, env_bytes)
-            finally:
-                self._inflight.discard(id)
-            return
         try:
-            try:
-                await loop.run_in_executor(self._pool, self._write_entry, writer, env_bytes)
-            except Exception as exc:
-                # _write_entry undid its own work; this also covers it never having run
-                # (pool shut down).
-                writer._state = "aborted"
-                writer._close()
-                writer._unlink()
-                raise _spool_error(exc, f"cannot commit message {id}") from exc
-            try:
-                await self._queue_dir_synced()
-            except Exception as exc:
-                # The name may or may not be durable; the client will get a 4xx and
-                # retry, so take the message back out rather than deliver it twice.
-                writer._state = "aborted"
-                await loop.run_in_executor(self._pool, self._unlink_committed, id)
-                raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
-            writer._state = "committed"
+            if self._syncer is not None:
+                await self._commit_by_syncer(self._syncer, writer, env_bytes)
+            else:
+                await self._commit_by_pool(writer, env_bytes)
         finally:
             self._inflight.discard(id)
+
+    async def _commit_by_pool(self, writer: SpoolWriter, env_bytes: bytes) -> None:
+        """The file work as one job on the pool, then the group fsync of queue/."""
+        id = writer.id
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self._write_entry, writer, env_bytes)
+        except Exception as exc:
+            # _write_entry undid its own work; this also covers it never having run
+            # (pool shut down).
+            writer._state = "aborted"
+            writer._close()
+            writer._unlink()
+            raise _spool_error(exc, f"cannot commit message {id}") from exc
+        try:
+            await self._queue_dir_synced()
+        except Exception as exc:
+            # The name may or may not be durable; the client will get a 4xx and
+            # retry, so take the message back out rather than deliver it twice.
+            writer._state = "aborted"
+            await loop.run_in_executor(self._pool, self._unlink_committed, id)
+            raise _spool_error(exc, f"cannot sync queue for message {id}") from exc
+        writer._state = "committed"
 
     async def _commit_by_syncer(self, syncer: _Syncer, writer: SpoolWriter,
                                 env_bytes: bytes) -> None:
@@ -660,7 +662,7 @@ class Spool:
         sync.add_done_callback(synced)
 
     @staticmethod
-    def _sync_dir(path: Path) -> None:
+    def _sync_dir(path: str | Path) -> None:
         fd = os.open(path, _DIR_FLAGS)
         try:
             _fsync(fd)

@@ -52,14 +52,6 @@ def _sync_one(tmp: str, queue: str, id: str) -> tuple[str | None, int, str]:
     return dst, 0, ""
 
 
-def _sync_dir(queue: str) -> None:
-    fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        store._fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _batch(tmp: str, queue: str, ids: list[str]) -> bytes:
     results: list[tuple[str, int, str]] = []
     renamed: list[tuple[str, str]] = []
@@ -73,14 +65,14 @@ def _batch(tmp: str, queue: str, ids: list[str]) -> bytes:
             renamed.append((id, path))
     if renamed:
         try:
-            _sync_dir(queue)
+            store.Spool._sync_dir(queue)
         except OSError as exc:
             # The names may or may not be durable: take the messages back out (their
             # clients get a 4xx and send again) rather than deliver them twice.
             for _, path in renamed:
                 store._unlink_quietly(path)
             with contextlib.suppress(OSError):
-                _sync_dir(queue)
+                store.Spool._sync_dir(queue)
             failed = {id for id, _ in renamed}
             err = exc.errno or errno.EIO
             text = f"cannot sync {queue}: {exc.strerror or exc}"
