@@ -1067,3 +1067,34 @@ def test_syncer_exits_when_the_spool_closes(tmp_path: Path) -> None:
     assert proc is not None and proc.poll() is None
     s.close()
     assert proc.poll() is not None  # reaped: no zombie, no orphan
+
+
+def test_syncer_started_ahead_serves_the_first_message(synced: Spool) -> None:
+    # A worker starts its syncer before it takes connections: the first messages must
+    # not wait for an interpreter to start.
+    async def main() -> tuple[int, str, int]:
+        synced.start_syncer()
+        before = syncer_pid(synced)
+        return before, await commit_one(synced, MESSAGE), syncer_pid(synced)
+
+    before, id, after = asyncio.run(main())
+    assert before == after
+    assert synced.ids() == [id]
+
+
+def test_syncer_batch_refuses_a_bad_id_and_commits_the_rest(synced: Spool) -> None:
+    from empath.spool import syncer
+    from empath.spool.ids import new_message_id
+
+    ids = [new_message_id() for _ in range(3)]
+    for id in ids:  # as a worker leaves them: written and closed in tmp/
+        (synced.tmp_dir / f"{id}.msg").write_bytes(MESSAGE)
+    with ThreadPoolExecutor(4) as pool:
+        answer = syncer._batch(str(synced.tmp_dir), str(synced.queue_dir),
+                               [ids[0], "../../etc/passwd", ids[1], ids[2]], pool)
+    lines = answer.decode().splitlines()
+    assert lines[0] == f"{ids[0]} 0" and lines[2] == f"{ids[1]} 0"
+    assert lines[1].startswith(f"../../etc/passwd {errno.EINVAL} ")
+    assert lines[3] == f"{ids[2]} 0"
+    assert sorted(p.name for p in synced.queue_dir.iterdir()) == sorted(
+        f"{i}.msg" for i in ids)

@@ -85,6 +85,7 @@ class Worker:
             cfg, spool, admit=self.admit, release=self.release, on_queued=self.queued,
             auth_failed=self.auth_failed,
         )
+        spool.start_syncer()
         for sock, role in self.sockets:
             await front.serve(sock, role)
         loop = asyncio.get_running_loop()

@@ -29,11 +29,19 @@ import os
 import signal
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from empath.spool import store
 from empath.spool.ids import is_message_id
 
 __all__ = ["serve"]
+
+# fsyncs of different files run at once: the filesystem's journal commits them together
+# (ext4's jbd2 joins concurrent fsyncs into one transaction), where one after the other
+# each waits for a commit of its own and the last of a batch waits for all of them.
+# Threads, not more processes: this process has no event loop whose GIL they could
+# starve; the main thread only waits for them.
+SYNC_THREADS = 8
 
 
 def _sync_one(tmp: str, queue: str, id: str) -> tuple[str | None, int, str]:
@@ -52,14 +60,20 @@ def _sync_one(tmp: str, queue: str, id: str) -> tuple[str | None, int, str]:
     return dst, 0, ""
 
 
-def _batch(tmp: str, queue: str, ids: list[str]) -> bytes:
+def _batch(tmp: str, queue: str, ids: list[str], pool: ThreadPoolExecutor) -> bytes:
     results: list[tuple[str, int, str]] = []
     renamed: list[tuple[str, str]] = []
+    valid = [id for id in ids if is_message_id(id)]
+    if len(valid) == 1:
+        synced = iter([_sync_one(tmp, queue, valid[0])])
+    else:
+        synced = pool.map(lambda id: _sync_one(tmp, queue, id), valid)
+    done = dict(zip(valid, synced, strict=True))
     for id in ids:
-        if not is_message_id(id):
+        if id not in done:
             results.append((id, errno.EINVAL, "not a message id"))
             continue
-        path, err, text = _sync_one(tmp, queue, id)
+        path, err, text = done[id]
         results.append((id, err, text))
         if path is not None:
             renamed.append((id, path))
@@ -87,16 +101,17 @@ def serve(sock: socket.socket, root: str) -> None:
     """Answer the worker on ``sock`` until it closes its end."""
     tmp, queue = f"{root}/tmp", f"{root}/queue"
     pending = b""
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            return
-        # Every id that arrived in this read shares one fsync of queue/: the ids a
-        # worker sends while the previous batch syncs are the next batch.
-        *lines, pending = (pending + data).split(b"\n")
-        ids = [line.decode("ascii", "replace") for line in lines if line]
-        if ids:
-            sock.sendall(_batch(tmp, queue, ids))
+    with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fsync") as pool:
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            # Every id that arrived in this read shares one fsync of queue/: the ids a
+            # worker sends while the previous batch syncs are the next batch.
+            *lines, pending = (pending + data).split(b"\n")
+            ids = [line.decode("ascii", "replace") for line in lines if line]
+            if ids:
+                sock.sendall(_batch(tmp, queue, ids, pool))
 
 
 def main() -> int:
