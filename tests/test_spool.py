@@ -645,7 +645,13 @@ def test_cancelled_commit_still_completes_or_unwinds(spool: Spool) -> None:
 # -- recovery ---------------------------------------------------------------------
 
 
-def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("processes", [1, 3])
+def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            processes: int) -> None:
+    """The same report whether one process checks the entries or three forked ones do
+    (chunks of 2 here, so good and bad entries land in every chunk)."""
+    monkeypatch.setattr(store, "RECOVERY_CHUNK", 2)
     q, tmp, quar = spool.queue_dir, spool.tmp_dir, spool.quarantine_dir
     good = sorted(commit_sync(spool, MESSAGE + bytes([i])) for i in range(3))
 
@@ -697,9 +703,11 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
     (quar / "README").write_text("from an earlier recovery")  # forces a suffix
 
     with caplog.at_level(logging.WARNING, logger="empath.spool"):
-        report = spool.recover()
+        report = spool.recover(processes=processes)
 
     assert report.ids == good
+    assert sorted(report.envelopes) == good
+    assert all(report.envelopes[id].id == id for id in good)
     assert report.removed_tmp == 3
     reasons = dict(report.quarantined)
     assert reasons[msg_only] == "data without envelope"
@@ -740,6 +748,29 @@ def test_recover_quarantines_every_bad_case(spool: Spool, caplog: pytest.LogCapt
             assert f.read() == spool_data(q, id)
         assert spool.load(id).size == len(MESSAGE) + 1
     assert spool.recover() == RecoveryReport(ids=good, removed_tmp=0, quarantined=[])
+
+
+def test_recover_redoes_the_part_of_a_process_that_fails(
+        spool: Spool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recovery process that dies takes no message with it: its chunk is checked
+    again in the daemon, every message is reported once, and the failure is logged."""
+    monkeypatch.setattr(store, "RECOVERY_CHUNK", 5)
+    ids = sorted(commit_sync(spool, MESSAGE + b"%d" % i) for i in range(20))
+    parent = os.getpid()
+
+    def digest(env: Envelope) -> tuple[str, int]:
+        if os.getpid() != parent and env.id == ids[-1]:
+            os.kill(os.getpid(), 9)  # the last chunk's process, killed mid-way
+        return env.id, env.size
+
+    with caplog.at_level(logging.WARNING, logger="empath.spool"):
+        report = spool.recover(processes=4, digest=digest)
+    assert report.ids == ids
+    assert report.envelopes == {id: (id, len(MESSAGE) + len(b"%d" % i))
+                                for i, id in enumerate(ids)}
+    assert report.quarantined == []
+    assert any("exited with status -9" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(spool.queue_dir)) == sorted(f"{id}.msg" for id in ids)
 
 
 def test_recover_raises_only_for_unusable_dirs(tmp_path: Path) -> None:

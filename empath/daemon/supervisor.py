@@ -60,9 +60,9 @@ from empath.log import setup_logging
 from empath.metrics.auth import MetricsAuthError, load_auth
 from empath.metrics.http import MetricsServer
 from empath.metrics.service import LiveGauge, ServiceMetrics, top_n
-from empath.queue import QueueManager
+from empath.queue import QueueManager, Recovered, recovered
 from empath.smtp.server import make_tls_context, users_file_error
-from empath.spool import Envelope, Spool
+from empath.spool import Spool
 from empath.statedir import StateDirError, validate_state_dir
 from empath.systemd import events
 from empath.systemd.notify import NOTIFY_ENV, Notifier, monotonic_usec, watchdog_interval
@@ -73,6 +73,10 @@ log = logging.getLogger("empath.supervisor")
 
 EXIT_CONFIG = 2
 READY_TIMEOUT = 30.0
+# Processes that check the spool at start (each a chunk of at least
+# empath.spool.store.RECOVERY_CHUNK entries). 100,000 queued on 2 vCPUs: 4.0 s warm,
+# 9.7 s from a cold page cache, against 8.3 s and 30 s in one process (bench/README.md).
+RECOVERY_PROCESSES = 8
 # Seconds a reload waits for every worker to confirm the new config.
 RELOAD_ACK_TIMEOUT = 10.0
 # Seconds between STATUS= checks; a changed text is sent, an unchanged one is not.
@@ -499,8 +503,8 @@ class Supervisor:
 
     # ---- main --------------------------------------------------------------------
 
-    async def run(self, recovered: list[str] | None = None,
-                  envelopes: dict[str, Envelope] | None = None) -> int:
+    async def run(self, ids: list[str] | None = None,
+                  found: dict[str, Recovered] | None = None) -> int:
         loop = asyncio.get_running_loop()
         if self.watchdog is not None:
             self._watchdog_task = self._background(self._watchdog_loop(self.watchdog))
@@ -508,7 +512,7 @@ class Supervisor:
         await self._reload_lock.acquire()
         self._starting = True
         try:
-            return await self._run(loop, recovered or [], envelopes)
+            return await self._run(loop, ids or [], found)
         finally:
             self._started()
 
@@ -517,9 +521,9 @@ class Supervisor:
             self._starting = False
             self._reload_lock.release()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, recovered: list[str],
-                   envelopes: dict[str, Envelope] | None = None) -> int:
-        self.queue.load(recovered, envelopes)
+    async def _run(self, loop: asyncio.AbstractEventLoop, ids: list[str],
+                   found: dict[str, Recovered] | None = None) -> int:
+        self.queue.load(ids, found)
         self.notifier.notify(f"STATUS=starting: {self.queue.size} messages in the queue")
         if not await self._start_control():
             return EXIT_CONFIG
@@ -911,7 +915,11 @@ def run(config_path: Path) -> int:
         notifier.notify("WATCHDOG=1")  # the loop that pings starts after recovery
     try:
         spool.prepare()
-        report = spool.recover()
+        # Processes read their share of the spool each: nothing else runs yet (no
+        # thread, no event loop), and with a big backlog this is most of the time to
+        # READY=1. More of them than cores: from a cold page cache each one mostly waits
+        # for its reads, and the disk serves several at once.
+        report = spool.recover(processes=RECOVERY_PROCESSES, digest=recovered)
     except OSError as exc:
         log.error("spool %s unusable: %s", config.spool_dir, exc)
         notifier.notify(f"STATUS=spool {config.spool_dir} unusable: {exc}")
@@ -939,7 +947,7 @@ def run(config_path: Path) -> int:
                             socket_activated=activated, notifier=notifier, watchdog=watchdog)
     supervisor.queue.dkim.use(dkim_keys)
     try:
-        envelopes, report.envelopes = report.envelopes, {}
-        return asyncio.run(supervisor.run(report.ids, envelopes))
+        found, report.envelopes = report.envelopes, {}
+        return asyncio.run(supervisor.run(report.ids, found))
     finally:
         notifier.close()

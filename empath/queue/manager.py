@@ -52,7 +52,7 @@ from empath.queue.limits import Breakers, DestinationLimiter
 from empath.spool import Envelope, Recipient, Spool
 from empath.spool.envelope import Attempt
 
-__all__ = ["QueueManager", "QueueStats"]
+__all__ = ["QueueManager", "QueueStats", "Recovered", "recovered"]
 
 log = logging.getLogger("empath.queue")
 
@@ -93,6 +93,33 @@ def message_state(env: Envelope) -> str:
 def _indexed(env: Envelope) -> Indexed:
     return Indexed(message_state(env), env.received_at, env.size,
                    tuple((_domain(r.address), r.state) for r in env.recipients))
+
+
+def first_due(env: Envelope) -> float | None:
+    """When the message is next to be tried (0.0: now), None while it is held."""
+    if env.held:
+        return None
+    times = [
+        (r.next_attempt or 0.0) if r.state == "deferred" else 0.0
+        for r in env.recipients
+        if r.state not in FINAL
+    ]
+    if not times:
+        return 0.0  # everything final but not removed yet: finish the job
+    return min(times)
+
+
+# What the scheduler takes of a message found in the spool at start: its Indexed
+# fields, then when it is due (first_due). Made by recovery
+# (``Spool.recover(digest=recovered)``) in its processes, so it is a plain tuple:
+# small to hold for a whole spool until ``load``, quick to pickle back (a dataclass
+# unpickles through dataclasses.fields() for each one).
+Recovered = tuple[str, float, int, tuple[tuple[str, str], ...], float | None]
+
+
+def recovered(env: Envelope) -> Recovered:
+    return (message_state(env), env.received_at, env.size,
+            tuple((_domain(r.address), r.state) for r in env.recipients), first_due(env))
 
 
 @dataclass
@@ -190,21 +217,21 @@ class QueueManager:
 
     # ---- scheduling ----------------------------------------------------------------
 
-    def load(self, ids: Iterable[str], envelopes: dict[str, Envelope] | None = None) -> None:
+    def load(self, ids: Iterable[str], found: dict[str, Recovered] | None = None) -> None:
         """At start: schedule every recovered message at its earliest due recipient.
 
-        ``envelopes``: those the spool's recovery already read (taken out of it as they
-        are used, so the memory goes with them); the others are read here."""
+        ``found``: what the spool's recovery made of those it read (taken out of it as
+        they are used, so the memory goes with them); the others are read here."""
         for id in ids:
-            env = envelopes.pop(id, None) if envelopes is not None else None
-            try:
-                if env is None:
-                    env = self.spool.load(id)
-            except (OSError, ValueError) as exc:
-                log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
-                continue
-            self.track(env)
-            due = self._next_due(env)
+            r = found.pop(id, None) if found is not None else None
+            if r is None:
+                try:
+                    r = recovered(self.spool.load(id))
+                except (OSError, ValueError) as exc:
+                    log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
+                    continue
+            state, received_at, size, rcpts, due = r
+            self._index[id] = Indexed(state, received_at, size, rcpts)
             if due is not None:
                 self.schedule(id, due)
 
@@ -285,18 +312,6 @@ class QueueManager:
 
     def active_ids(self) -> frozenset[str]:
         return frozenset(self._active)
-
-    def _next_due(self, env: Envelope) -> float | None:
-        if env.held:
-            return None
-        times = [
-            (r.next_attempt or 0.0) if r.state == "deferred" else 0.0
-            for r in env.recipients
-            if r.state not in FINAL
-        ]
-        if not times:
-            return 0.0  # everything final but not removed yet: finish the job
-        return min(times)
 
     @property
     def size(self) -> int:
@@ -433,7 +448,7 @@ class QueueManager:
             await self._remove(env)
         else:
             self.track(env)
-            due_next = self._next_due(env)
+            due_next = first_due(env)
             if due_next is not None:
                 self.schedule(env.id, due_next)
 

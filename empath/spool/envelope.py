@@ -292,9 +292,7 @@ class Envelope:
         try:
             # ASCII output: lone surrogates (from surrogateescape'd input) stay
             # representable, and the file is plain text for an admin's `cat`.
-            data = json.dumps(
-                obj, ensure_ascii=True, allow_nan=False, sort_keys=True, separators=(",", ":")
-            ).encode("ascii")
+            data = _ENCODE(obj).encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"envelope not serialisable: {exc}") from None
         try:
@@ -307,7 +305,8 @@ class Envelope:
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse a record written by ``to_bytes``; CorruptEnvelope on anything else."""
         try:
-            obj = json.loads(data, parse_constant=_refuse_constant)
+            # Records are ASCII (to_bytes); anything else fails here as not UTF-8.
+            obj = _DECODE(data.decode("utf-8"))
         except (ValueError, RecursionError, TypeError) as exc:
             # ValueError covers JSONDecodeError, UnicodeDecodeError and the int
             # digit limit; RecursionError is a deeply nested document.
@@ -391,6 +390,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
 
 
+# One decoder and one encoder for every record: json.loads and json.dumps with options
+# build a new one per call, and recovery reads every envelope in the spool.
+_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_ENCODE = json.JSONEncoder(ensure_ascii=True, allow_nan=False, sort_keys=True,
+                           separators=(",", ":")).encode
+
+
 class _Fields:
     """Typed access to a JSON object's members: exact key set, strict types.
 
@@ -401,12 +407,12 @@ class _Fields:
     def __init__(self, obj: object, where: str, keys: frozenset[str]) -> None:
         if not isinstance(obj, dict):
             raise CorruptEnvelope(f"{where}: not an object")
-        missing = keys - obj.keys()
-        if missing:
-            raise CorruptEnvelope(f"{where}: missing {', '.join(sorted(missing))}")
-        unknown = obj.keys() - keys
-        if unknown:
+        if obj.keys() != keys:  # one comparison in C; the sets only to say what is wrong
+            missing = keys - obj.keys()
+            if missing:
+                raise CorruptEnvelope(f"{where}: missing {', '.join(sorted(missing))}")
             # A newer writer bumps the version; unknown keys in a known version mean damage.
+            unknown = obj.keys() - keys
             raise CorruptEnvelope(f"{where}: unknown {', '.join(sorted(map(str, unknown)))}")
         self._obj: dict[str, object] = obj
         self._where = where

@@ -56,14 +56,15 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from empath.spool.envelope import CorruptEnvelope, Envelope
+from empath.spool.fanout import fork_map, split
 from empath.spool.ids import is_message_id, new_message_id
 
 __all__ = [
@@ -80,12 +81,16 @@ FILE_MODE = 0o600
 # the many small chunks a DATA phase arrives in, bounded memory per session.
 WRITE_BUFFER = 64 * 1024
 DEFAULT_THREADS = 16
+# Recovery gives a process of its own only to this many queue entries or more: below,
+# a fork costs more than it saves.
+RECOVERY_CHUNK = 2000
 
 # After the data and the envelope line in a queue file: that line's length
 # (``ENVELOPE_TRAILER % len(line)``).
 ENVELOPE_TRAILER = b"empath-envelope %010d\n"
 _TRAILER_SIZE = len(ENVELOPE_TRAILER % 0)
 _TRAILER_RE = re.compile(rb"empath-envelope (\d{10})\n")
+_TAIL_READ = 4096  # octets read from the end of a queue file to find its envelope
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -104,9 +109,10 @@ class RecoveryReport:
     ids: list[str]  # committed messages, sorted (oldest first)
     removed_tmp: int  # entries removed from tmp/
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (id or name, reason)
-    # The envelopes read while checking, by id: the queue takes them from here rather
-    # than reading every file a second time (and empties this as it goes).
-    envelopes: dict[str, Envelope] = field(default_factory=dict, compare=False, repr=False)
+    # The envelopes read while checking (or what recover's ``digest`` made of them), by
+    # id: the queue takes them from here rather than reading every file a second time
+    # (and empties this as it goes).
+    envelopes: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # The syscalls whose order is the durability contract go through these wrappers, so
@@ -154,13 +160,22 @@ def _read_trailer(fd: int, file_size: int) -> tuple[int, bytes] | None:
     (a file of the older layout: data only)."""
     if file_size < _TRAILER_SIZE:
         return None
-    m = _TRAILER_RE.fullmatch(os.pread(fd, _TRAILER_SIZE, file_size - _TRAILER_SIZE))
+    # One read for the trailer and, nearly always, the envelope line before it: at
+    # recovery this runs for every message in the spool.
+    tail_size = min(file_size, _TAIL_READ)
+    tail = os.pread(fd, tail_size, file_size - tail_size)
+    if len(tail) != tail_size:
+        return None
+    m = _TRAILER_RE.fullmatch(tail, tail_size - _TRAILER_SIZE)
     if m is None:
         return None
     length = int(m.group(1))
     start = file_size - _TRAILER_SIZE - length
     if start < 0:
         return None
+    if length <= tail_size - _TRAILER_SIZE:
+        end = tail_size - _TRAILER_SIZE
+        return start, tail[end - length: end]
     line = os.pread(fd, length, start)
     return (start, line) if len(line) == length else None
 
@@ -829,21 +844,29 @@ class Spool:
 
     # -- recovery ------------------------------------------------------------
 
-    def recover(self) -> RecoveryReport:
+    def recover(self, processes: int = 1,
+                digest: Callable[[Envelope], object] | None = None) -> RecoveryReport:
         """Clean up after a crash; run once at start before anything accepts mail.
 
         Empties tmp/, moves every incomplete or damaged queue entry to quarantine/
         (logging a warning for each), and returns the committed ids. Bad entries never
         raise; SpoolError is raised only when the directories themselves fail.
+
+        The entries are checked by up to ``processes`` processes (forked, see
+        empath.spool.fanout; only before any thread exists), a chunk of at least
+        RECOVERY_CHUNK ids each. ``digest`` turns each good envelope into what the
+        report keeps of it (``report.envelopes``): what the caller needs, small to pass
+        back from a child and to hold for a whole spool at once.
         """
         try:
-            return self._recover()
+            return self._recover(processes, digest)
         except SpoolError:
             raise
         except OSError as exc:
             raise _spool_error(exc, f"cannot recover spool {self.root}") from exc
 
-    def _recover(self) -> RecoveryReport:
+    def _recover(self, processes: int,
+                 digest: Callable[[Envelope], object] | None) -> RecoveryReport:
         quarantined: list[tuple[str, str]] = []
         removed_tmp = 0
         with os.scandir(self.tmp_dir) as it:
@@ -875,9 +898,8 @@ class Spool:
                 extra = {"QUEUE_ID": stem} if is_message_id(stem) else None
                 log.warning("spool: quarantined %s: %s", name, reason, extra=extra)
 
-        ids: list[str] = []
-        envelopes: dict[str, Envelope] = {}
         leftovers = False
+        candidates: list[str] = []
         for id in sorted(pairs):
             if pairs[id] == {"env"}:
                 # The changed envelope of a message whose file is gone: a removal
@@ -886,8 +908,27 @@ class Spool:
                 leftovers = True
                 log.info("spool: removed the envelope of removed message %s", id,
                          extra={"QUEUE_ID": id})
-                continue
-            problem = self._check_entry(id, pairs[id], envelopes)
+            else:
+                candidates.append(id)
+
+        def check(chunk: Sequence[str]) -> tuple[dict[str, str], dict[str, object]]:
+            problems: dict[str, str] = {}
+            good: dict[str, object] = {}
+            for id in chunk:
+                problem = self._check_entry(id, pairs[id], good, digest)
+                if problem is not None:
+                    problems[id] = problem
+            return problems, good
+
+        problems: dict[str, str] = {}
+        envelopes: dict[str, object] = {}
+        for found_problems, found_good in fork_map(
+                check, split(candidates, processes, RECOVERY_CHUNK)):
+            problems.update(found_problems)
+            envelopes.update(found_good)
+        ids: list[str] = []
+        for id in candidates:
+            problem = problems.get(id)
             if problem is None:
                 ids.append(id)
                 continue
@@ -903,10 +944,10 @@ class Spool:
         return RecoveryReport(ids=ids, removed_tmp=removed_tmp, quarantined=quarantined,
                               envelopes=envelopes)
 
-    def _check_entry(self, id: str, exts: set[str],
-                     good: dict[str, Envelope]) -> str | None:
+    def _check_entry(self, id: str, exts: set[str], good: dict[str, object],
+                     digest: Callable[[Envelope], object] | None) -> str | None:
         """Why the queue entry ``id`` is not a complete message, or None if it is (and
-        then its envelope is in ``good``)."""
+        then its envelope, or what ``digest`` makes of it, is in ``good``)."""
         msg_path, env_path = self._paths(id)
         try:
             size, found = _layout(msg_path)
@@ -927,7 +968,7 @@ class Spool:
             return f"envelope holds id {env.id}"
         if size != env.size:
             return f"size mismatch: envelope says {env.size}, data is {size}"
-        good[id] = env
+        good[id] = env if digest is None else digest(env)
         return None
 
     def _quarantine(self, src_dir: Path, name: str) -> None:
