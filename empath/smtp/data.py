@@ -136,7 +136,10 @@ class DataScanner:
             self._fail(DataOutcome.BARE_NEWLINE)
         elif b"\x00" in block:
             self._fail(DataOutcome.NUL)
-        elif len(block) >= MAX_LINE - 1 and _LONG_LINE.search(block):
+        elif (len(block) >= MAX_LINE - 1 and max(map(len, block.split(b"\n"))) >= MAX_LINE - 1
+              and _LONG_LINE.search(block)):
+            # The split is the quick test (no line near the limit: most blocks); the
+            # expression, which walks each line, says whether a dot makes it allowed.
             self._fail(DataOutcome.LINE_TOO_LONG)
         elif self.size > self.max_size:
             self._fail(DataOutcome.TOO_BIG)
