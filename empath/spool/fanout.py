@@ -17,6 +17,7 @@ child of a threaded process may inherit a lock that no thread will ever release.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -87,6 +88,9 @@ def _fork(fn: Callable[[Sequence[_T]], object], chunk: Sequence[_T]) -> tuple[in
             while view:
                 view = view[os.write(w, view):]
             code = 0
+        except BaseException as exc:  # said on stderr (the journal); the parent redoes it
+            with contextlib.suppress(OSError):
+                os.write(2, f"empath: recovery process {os.getpid()}: {exc!r}\n".encode())
         finally:
             os._exit(code)
     os.close(w)
