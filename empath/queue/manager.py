@@ -118,8 +118,8 @@ Recovered = tuple[str, float, int, tuple[tuple[str, str], ...], float | None]
 
 
 def recovered(env: Envelope) -> Recovered:
-    return (message_state(env), env.received_at, env.size,
-            tuple((_domain(r.address), r.state) for r in env.recipients), first_due(env))
+    i = _indexed(env)
+    return i.state, i.received_at, i.size, i.rcpts, first_due(env)
 
 
 @dataclass

@@ -47,21 +47,11 @@ def split(items: Sequence[_T], parts: int, min_size: int) -> list[Sequence[_T]]:
 
 def fork_map(fn: Callable[[Sequence[_T]], _R], chunks: list[Sequence[_T]]) -> list[_R]:
     """``[fn(chunk) for chunk in chunks]``, every chunk but the first in a child."""
-    children: list[tuple[int, int, Sequence[_T]] | Sequence[_T]] = []
-    for chunk in chunks[1:]:
-        started = _fork(fn, chunk)
-        children.append(chunk if started is None else (*started, chunk))
+    started = [(chunk, _fork(fn, chunk)) for chunk in chunks[1:]]
     results = [fn(chunks[0])] if chunks else []
-    for child in children:
-        if isinstance(child, tuple):
-            pid, fd, chunk = child
-            result = _collect(pid, fd)
-            if result is not None:
-                results.append(cast(_R, result[0]))
-                continue
-        else:
-            chunk = child
-        results.append(fn(chunk))
+    for chunk, child in started:
+        result = _collect(*child) if child is not None else None
+        results.append(cast(_R, result[0]) if result is not None else fn(chunk))
     return results
 
 
