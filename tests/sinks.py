@@ -78,6 +78,7 @@ class Transaction:
     rcpts: list[str] = field(default_factory=list)  # raw RCPT arguments, in order
     accepted: list[str] = field(default_factory=list)  # addresses answered 2xx
     data: bytes | None = None  # the message, dot-unstuffed, as received
+    replied: bool = False  # the final dot was answered
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Script:
     drop_at_dot: bool = False  # close after the final dot without replying
     drop_at_rset: bool = False  # close at RSET without replying (an idle session timed out)
     hang_at: str | None = None  # "mail" | "rcpt" | "dot": never answer there
+    hang_after: int | None = None  # answer this many final dots, then hang at every later one
     keep_data: bool = True  # False: record only size and hash (big messages)
 
 
@@ -169,12 +171,15 @@ class _Handler:
             else:
                 self.sink.hashes.append(hashlib.sha256(content).hexdigest())
         envelope.original_content = envelope.content = None
-        if sc.hang_at == "dot":
+        if sc.hang_at == "dot" or (
+                sc.hang_after is not None and len(self.sink.sizes) > sc.hang_after):
             await asyncio.Event().wait()
         if sc.drop_at_dot:
             assert server.transport is not None
             server.transport.abort()  # type: ignore[attr-defined]
             await asyncio.Event().wait()  # cancelled by connection_lost
+        if server.txn is not None:
+            server.txn.replied = True
         return sc.data_reply
 
 
