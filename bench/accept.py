@@ -245,8 +245,9 @@ class TreeSampler:
     so it overstates multi-process servers; summed PSS splits shared pages fairly.
     """
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, pss_every: int = PSS_EVERY) -> None:
         self.root = root
+        self.pss_every = pss_every  # take PSS at every n-th sample
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
@@ -273,7 +274,7 @@ class TreeSampler:
         stats = [s for s in (_read_stat(p) for p in pids) if s is not None]
         self.peak_rss = max(self.peak_rss, sum(s.rss_bytes for s in stats))
         self.peak_procs = max(self.peak_procs, len(stats))
-        if pss or self._samples % PSS_EVERY == 0:
+        if pss or self._samples % self.pss_every == 0:
             self.peak_pss = max(self.peak_pss, sum(_pss_bytes(s.pid) for s in stats))
         self._samples += 1
 

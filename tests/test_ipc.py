@@ -45,3 +45,25 @@ def test_drain_sends_the_last_message_before_close() -> None:
     last, after = asyncio.run(main())
     assert last == {"t": "metrics", "snapshot": {}}
     assert after is None  # then EOF: the other side is gone
+
+
+def test_a_config_of_megabytes_arrives_whole_between_small_messages() -> None:
+    # A reload's config text spans many reads of the other side; the admits around it
+    # must come out whole and in order too.
+    text = "x" * 3_000_000
+
+    async def main() -> list[dict[str, object] | None]:
+        a, b = socket.socketpair()
+        left, right = await open_channel(a), await open_channel(b)
+        left.send({"t": "admit", "n": 1})
+        left.send({"t": "config", "text": text})
+        left.send({"t": "admit", "n": 2})
+        await left.drain()
+        left.close()
+        got = [await right.recv() for _ in range(4)]
+        right.close()
+        return got
+
+    got = asyncio.run(main())
+    assert got == [{"t": "admit", "n": 1}, {"t": "config", "text": text},
+                   {"t": "admit", "n": 2}, None]

@@ -562,6 +562,30 @@ def test_reload_applies_a_new_local_domain_or_refuses_a_broken_file(
     assert d.stop() == 0
 
 
+def test_reload_that_drops_relay_networks_stops_relaying_for_new_sessions(
+        make_daemon: MakeDaemon, notify_sink: DatagramSink) -> None:
+    # The relay decision is memoised per address; a reload must not be answered from
+    # before it, on any worker.
+    d = make_daemon(start=False, relay_networks=["127.0.0.0/8"], local_domains=["test.example"])
+    d.extra_env["NOTIFY_SOCKET"] = notify_sink.env_value
+    d.start()
+    port = d.smtp_port
+
+    async def main() -> None:
+        for _ in range(6):
+            code, text = await rcpt_reply(port, "user@elsewhere.example", "reload-relay")
+            assert code == 250, text
+        d.config["relay_networks"] = []
+        d.write_config()
+        assert "last reload: ok" in reload_and_wait(d, notify_sink)["STATUS"]
+        for _ in range(6):
+            code, text = await rcpt_reply(port, "user@elsewhere.example", "reload-relay")
+            assert (code, text[:5]) == (554, "5.7.1"), text
+
+    asyncio.run(main())
+    assert d.stop() == 0
+
+
 def test_reload_warns_about_keys_that_need_a_restart(make_daemon: MakeDaemon,
                                                      notify_sink: DatagramSink) -> None:
     d = make_daemon(start=False)

@@ -34,6 +34,7 @@ worker → supervisor:
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 from typing import Any
@@ -50,13 +51,18 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 class Channel:
     """Messages sent in one turn of the event loop leave in one write: under load a
     worker's admits, releases and queued notices for many sessions share a syscall,
-    and the other side wakes once for all of them. Order is kept."""
+    and the other side wakes once for all of them. Order is kept. Reading is the
+    mirror image: one read takes whatever has arrived and ``recv`` hands the messages
+    out one by one without waiting again (a readline per message costs the
+    supervisor more than the accounting the message is for)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._partial = bytearray()  # the start of a line whose end has not come yet
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer.is_closing():
@@ -78,14 +84,28 @@ class Channel:
         await self.writer.drain()
 
     async def recv(self) -> dict[str, Any] | None:
-        """Next message, or None at EOF (the other side is gone)."""
-        try:
-            line = await self.reader.readline()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            return None
-        if not line:
-            return None
-        msg = json.loads(line)
+        """Next message, or None at EOF (the other side is gone; a partial line at the
+        end is dropped) or when a line outgrows ``MAX_LINE``."""
+        lines = self._lines
+        while not lines:
+            try:
+                data = await self.reader.read(1 << 16)
+            except ConnectionError:
+                return None
+            if not data:
+                return None
+            partial = self._partial
+            if b"\n" not in data:
+                partial += data
+                if len(partial) > MAX_LINE:
+                    return None
+                continue
+            *complete, rest = data.split(b"\n")
+            if partial:
+                complete[0] = bytes(partial) + complete[0]
+            partial[:] = rest
+            lines.extend(line for line in complete if line)
+        msg = json.loads(lines.popleft())
         if not isinstance(msg, dict):
             raise ValueError("IPC message is not an object")
         return msg
