@@ -25,6 +25,7 @@ network on which anyone can set it. Cached answers keep it. See docs/dnssec.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
@@ -161,12 +162,14 @@ def _dns_name(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
-def _is_ip(text: str) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _ip_text(text: str) -> str | None:
+    """The canonical text of the IP ``text``, or None if it is not one (memoised: a
+    route to an address is asked for at every delivery)."""
     try:
-        ipaddress.ip_address(text)
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int:
@@ -311,9 +314,9 @@ class DNS:
         name = _dns_name(host)
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
-        if _is_ip(name):
-            return AddrAnswer("ok", [str(ipaddress.ip_address(name))], POSITIVE_TTL_CAP,
-                              authenticated=True)
+        ip = _ip_text(name)
+        if ip is not None:
+            return AddrAnswer("ok", [ip], POSITIVE_TTL_CAP, authenticated=True)
         v6, v4 = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"))
         ttl = min(self._remaining(v6), self._remaining(v4))
         ips = [*v6.records, *v4.records]

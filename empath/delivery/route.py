@@ -131,6 +131,9 @@ class OwnIdentity:
 
 
 @functools.lru_cache(maxsize=4096)  # parsed for every target of every delivery
+# Asked several times for every delivery (the route's targets, the loop check), mostly of
+# the same few addresses; parsing one costs more than the rest of routing to it.
+@functools.lru_cache(maxsize=1024)
 def _norm_ip(text: str) -> str | None:
     """Canonical text of an IP (brackets and IPv6 zone dropped, IPv4-mapped IPv6 as
     IPv4), or None if ``text`` is not an IP."""
@@ -275,12 +278,17 @@ async def _resolve(
     else:
         return await _mx_route(domain, domain, config, dns, own, "mx")
     try:
-        hop = parse_next_hop(text.strip())
+        hop = _parse_hop(text.strip())
     except ValueError as exc:
         where = "runtime override" if source == "override" else "delivery.routes entry"
         return _fail("smtp", False, "4.3.5", f"invalid {where} for {domain}: {exc}",
                      source, text)
     return await _next_hop(domain, hop, config, dns, own, source)
+
+
+# The same few route texts for every message (lru_cache keeps no exceptions: a bad
+# override is reported each time).
+_parse_hop = functools.lru_cache(maxsize=256)(parse_next_hop)
 
 
 async def _next_hop(
