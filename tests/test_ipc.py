@@ -67,3 +67,23 @@ def test_a_config_of_megabytes_arrives_whole_between_small_messages() -> None:
     got = asyncio.run(main())
     assert got == [{"t": "admit", "n": 1}, {"t": "config", "text": text},
                    {"t": "admit", "n": 2}, None]
+
+
+def test_a_later_notice_is_not_lost_and_never_overtaken() -> None:
+    # A worker's release (sent later, batched) must reach the supervisor on its own, and
+    # must not arrive after an admit sent behind it: the count would be off by one.
+    async def main() -> list[dict[str, object] | None]:
+        a, b = socket.socketpair()
+        left, right = await open_channel(a), await open_channel(b)
+        left.send({"t": "release", "ip": "192.0.2.1"}, later=True)
+        lone = await asyncio.wait_for(right.recv(), 5)
+        left.send({"t": "release", "ip": "192.0.2.2"}, later=True)
+        left.send({"t": "admit", "n": 7, "ip": "192.0.2.2"})
+        got = [lone, await right.recv(), await right.recv()]
+        left.close()
+        right.close()
+        return got
+
+    assert asyncio.run(main()) == [{"t": "release", "ip": "192.0.2.1"},
+                                   {"t": "release", "ip": "192.0.2.2"},
+                                   {"t": "admit", "n": 7, "ip": "192.0.2.2"}]

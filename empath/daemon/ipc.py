@@ -20,6 +20,9 @@ worker → supervisor:
   ``applied`` {gen, error}: a reloaded config is in force for new sessions (error
               null), or could not be applied (error says why; the old one stays).
   ``admit``   {n, ip} / ``release`` {ip}: per-client accounting (empath/daemon/anvil.py).
+              ``release`` and ``queued`` are sent ``later`` (within ``LATER``, with the
+              next admit at the latest, never after it): a client that reconnects at
+              once to the other worker may be counted twice for those milliseconds.
   ``queued``  {id, at, size, domains}: a message was spooled (received at ``at``,
               ``size`` bytes, one recipient domain per recipient); the queue manager
               takes it from here.
@@ -42,6 +45,10 @@ from typing import Any
 __all__ = ["Channel", "open_channel"]
 
 MAX_LINE = 16 * 1024 * 1024  # a config text travels this way
+# A message nobody waits for (``send(..., later=True)``) leaves at most this many seconds
+# after it was sent, with whatever is sent meanwhile: under load each wake-up of the
+# other side then takes several, where one per loop turn woke it for each.
+LATER = 0.005
 
 
 # One encoder for every message: json.dumps with options builds a new one per call.
@@ -63,19 +70,32 @@ class Channel:
         self.reader = reader
         self.writer = writer
         self._out: list[bytes] = []
+        self._soon = False  # a flush at the end of this loop turn is scheduled
+        self._later: asyncio.TimerHandle | None = None  # the flush of `later` messages
         self._loop = asyncio.get_running_loop()
         self._lines: collections.deque[bytes] = collections.deque()
         self._partial = bytearray()  # the start of a line whose end has not come yet
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], *, later: bool = False) -> None:
+        """Queue ``msg``; it leaves at the end of this loop turn, or with ``later`` (for
+        a notice nobody waits on) within ``LATER`` seconds. Either way order is kept:
+        everything queued leaves together."""
         if self.writer.is_closing():
             return
-        if not self._out:
-            self._loop.call_soon(self.flush)
+        if not later:
+            if not self._soon:
+                self._soon = True
+                self._loop.call_soon(self.flush)
+        elif not self._out and not self._soon:
+            self._later = self._loop.call_later(LATER, self.flush)
         self._out.append(_encode(msg).encode())
 
     def flush(self) -> None:
         """Write what ``send`` has gathered (at the end of the loop turn, or now)."""
+        self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._out and not self.writer.is_closing():
             self._out.append(b"")
             self.writer.write(b"\n".join(self._out))

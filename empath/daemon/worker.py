@@ -49,7 +49,7 @@ class Worker:
         return await fut
 
     def release(self, ip: str) -> None:
-        self.channel.send({"t": "release", "ip": ip})
+        self.channel.send({"t": "release", "ip": ip}, later=True)
 
     async def auth_failed(self, ip: str) -> int:
         """A failed AUTH, counted by the supervisor's anvil across workers."""
@@ -64,7 +64,7 @@ class Worker:
         self.channel.send({"t": "queued", "id": envelope.id, "at": envelope.received_at,
                            "size": envelope.size,
                            "domains": [r.address.rpartition("@")[2].lower()
-                                       for r in envelope.recipients]})
+                                       for r in envelope.recipients]}, later=True)
 
     async def run(self) -> int:
         first = await self.channel.recv()
