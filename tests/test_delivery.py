@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from empath.spool import Envelope, Recipient, Spool
 from tests.dnsmasq import DnsmasqServer, dnsmasq_fixture
 from tests.harness import (
     Daemon,
@@ -545,6 +548,32 @@ def test_11b_kill_9_mid_stream_many_messages(
     for i, qid in enumerate(ids):
         if qid in done:
             assert got.count(f"bulk {i}") == 1, f"{qid} was recorded done, yet repeated"
+
+
+def test_11c_mail_a_killed_worker_never_reported_is_delivered_without_a_restart(
+    make_daemon: MakeDaemon, dns_server: DnsmasqServer, mail: Path
+) -> None:
+    # A worker tells the supervisor about each message it acknowledged in batches; a
+    # kill -9 can take the last notices with it. Such a message is in the spool, as
+    # this one is (committed the way a worker commits), and nobody was told of it.
+    d = start_daemon(make_daemon, dns_server, mail)
+    spool = Spool(d.state_dir / "spool")
+    writer = spool.create()
+    writer.write(message("never reported"))
+    envelope = Envelope(id=writer.id, sender=SENDER, recipients=[Recipient("carol@test.example")],
+                        received_at=time.time(), client_addr="127.0.0.1", client_port=1,
+                        helo="client.test")
+    asyncio.run(spool.commit(writer, envelope))
+    spool.close()
+    time.sleep(1.5)  # the supervisor's scheduler ticks meanwhile: it does not know of it
+    assert not maildir_messages(mail, "carol") and not gone(d, writer.id)
+    assert d.proc is not None
+    worker = min(int(p) for p in (Path("/proc") / str(d.proc.pid) / "task" / str(d.proc.pid)
+                                  / "children").read_text().split())
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: gone(d, writer.id), "delivery of the unreported message", d)
+    assert [m["Subject"] for m in maildir_messages(mail, "carol")] == ["never reported"]
+    assert f"were never reported by it; queued now: {writer.id}" in d.log()
 
 
 # ---- 12: TLS policy per destination ---------------------------------------------------

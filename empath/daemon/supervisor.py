@@ -318,9 +318,26 @@ class Supervisor:
             log.error("worker %d (pid %d) exited with status %s; restarting it",
                       worker.index, worker.proc.pid, code,
                       extra={"EMPATH_EVENT": events.WORKER_EXITED})
+            await self._adopt_unreported(worker.proc.pid)
             await asyncio.sleep(1.0)
             if not self.stopping.is_set():
                 await self._spawn(worker.index)
+
+    async def _adopt_unreported(self, pid: int) -> None:
+        """After a worker died: queue what it acknowledged but never reported. Its
+        ``queued`` notices leave in batches (empath/daemon/ipc.py), so a kill can take
+        the last few with it; the messages are safe in the spool, and without this
+        nobody would try them, or count them in ``queue stats``, until a restart."""
+        try:
+            ids = await asyncio.to_thread(self.spool.ids)
+        except OSError as exc:
+            log.error("queue: cannot list %s after worker %d exited: %s",
+                      self.spool.queue_dir, pid, exc)
+            return
+        adopted = self.queue.adopt(ids)
+        if adopted:
+            log.warning("queue: %d message(s) accepted by worker %d were never reported by "
+                        "it; queued now: %s", len(adopted), pid, " ".join(adopted[:10]))
 
     # ---- reload ------------------------------------------------------------------
 

@@ -227,6 +227,8 @@ class QueueManager:
             if r is None:
                 try:
                     r = recovered(self.spool.load(id))
+                except FileNotFoundError:
+                    continue  # delivered or deleted since it was listed
                 except (OSError, ValueError) as exc:
                     log.error("queue: cannot load %s: %s", id, exc, extra={"QUEUE_ID": id})
                     continue
@@ -234,6 +236,16 @@ class QueueManager:
             self._index[id] = Indexed(state, received_at, size, rcpts)
             if due is not None:
                 self.schedule(id, due)
+
+    def adopt(self, ids: Iterable[str]) -> list[str]:
+        """Take on the queued messages among ``ids`` that the index does not know: the
+        ones a worker committed and acknowledged but died before reporting (its
+        ``queued`` notice lost with it). Returns their ids. A live worker's message
+        whose notice is still on its way may be among them; its ``add`` then finds it
+        known and scheduled, and changes nothing."""
+        unknown = [id for id in ids if id not in self._index]
+        self.load(unknown)
+        return [id for id in unknown if id in self._index]
 
     def add(self, id: str, *, received_at: float | None = None, size: int = 0,
             domains: tuple[str, ...] = ()) -> None:
