@@ -21,8 +21,10 @@ worker → supervisor:
               null), or could not be applied (error says why; the old one stays).
   ``admit``   {n, ip} / ``release`` {ip}: per-client accounting (empath/daemon/anvil.py).
               ``release`` and ``queued`` are sent ``later`` (within ``LATER``, with the
-              next admit at the latest, never after it): a client that reconnects at
-              once to the other worker may be counted twice for those milliseconds.
+              worker's next admit at the latest, never after it): for those few
+              milliseconds a client that reconnects through the other worker still
+              counts its closed connection, and a worker killed meanwhile takes its
+              last notices with it (the supervisor then looks in the spool).
   ``queued``  {id, at, size, domains}: a message was spooled (received at ``at``,
               ``size`` bytes, one recipient domain per recipient); the queue manager
               takes it from here.
