@@ -163,6 +163,13 @@ def _split_entry(raw: bytes) -> tuple[bytes, bytes | None]:
     return raw[:start], raw[start:len(raw) - 27]
 
 
+def children_of(pid: int) -> set[int]:
+    """The pids of ``pid``'s child processes (a daemon's workers, say)."""
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
+                         text=True, check=False).stdout
+    return {int(x) for x in out.split()}
+
+
 def spool_ids(queue_dir: Path) -> set[str]:
     """The messages in a spool's queue/ (one .msg file each)."""
     return {p.stem for p in queue_dir.glob("*.msg")}

@@ -31,6 +31,7 @@ from tests.dnsmasq import DnsmasqServer, dnsmasq_fixture
 from tests.harness import (
     Daemon,
     RawClient,
+    children_of,
     free_port,
     queued_id,
     send_message,
@@ -568,9 +569,7 @@ def test_11c_mail_a_killed_worker_never_reported_is_delivered_without_a_restart(
     time.sleep(1.5)  # the supervisor's scheduler ticks meanwhile: it does not know of it
     assert not maildir_messages(mail, "carol") and not gone(d, writer.id)
     assert d.proc is not None
-    worker = min(int(p) for p in (Path("/proc") / str(d.proc.pid) / "task" / str(d.proc.pid)
-                                  / "children").read_text().split())
-    os.kill(worker, signal.SIGKILL)
+    os.kill(min(children_of(d.proc.pid)), signal.SIGKILL)
     wait_until(lambda: gone(d, writer.id), "delivery of the unreported message", d)
     assert [m["Subject"] for m in maildir_messages(mail, "carol")] == ["never reported"]
     assert f"were never reported by it; queued now: {writer.id}" in d.log()

@@ -33,6 +33,7 @@ from tests.conftest import IN_CI, require_tool
 from tests.harness import (
     Daemon,
     RawClient,
+    children_of,
     queued_id,
     send_message,
     spool_record,
@@ -325,12 +326,6 @@ def parse_strace(path: Path) -> list[Call]:
             call.result = int(res.group(1)) if res else None
         calls.append(call)
     return calls
-
-
-def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
-                         text=True, check=False).stdout
-    return [int(x) for x in out.split()]
 
 
 def test_fsync_rename_dirsync_precede_every_250(make_daemon: MakeDaemon,

@@ -8,14 +8,21 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPLIES, Daemon, RawClient, queued_id, send_message, strip_received
+from tests.harness import (
+    REPLIES,
+    Daemon,
+    RawClient,
+    children_of,
+    queued_id,
+    send_message,
+    strip_received,
+)
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -41,12 +48,6 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def children_of(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
-                         text=True, check=False).stdout
-    return {int(x) for x in out.split()}
 
 
 async def connect(port: int, context: str, source: str = "127.0.0.1"

@@ -42,7 +42,15 @@ from empath.systemd.events import CATALOG, message_id
 from empath.systemd.journal import JournalHandler, JournalWriter, encode_fields
 from empath.systemd.notify import Notifier, monotonic_usec, watchdog_interval
 from tests.conftest import require_tool
-from tests.harness import REPO, Daemon, RawClient, free_port, queued_id, send_message
+from tests.harness import (
+    REPO,
+    Daemon,
+    RawClient,
+    children_of,
+    free_port,
+    queued_id,
+    send_message,
+)
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -171,12 +179,6 @@ def notify_sink() -> Iterator[DatagramSink]:
     sink = DatagramSink(f"\0empath-test-notify-{uuid.uuid4().hex}")  # abstract: "@..."
     yield sink
     sink.close()
-
-
-def children_of(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
-                         text=True, check=False).stdout
-    return {int(x) for x in out.split()}
 
 
 def environ_of(pid: int) -> dict[str, str]:

@@ -131,9 +131,6 @@ class OwnIdentity:
 
 
 @functools.lru_cache(maxsize=4096)  # parsed for every target of every delivery
-# Asked several times for every delivery (the route's targets, the loop check), mostly of
-# the same few addresses; parsing one costs more than the rest of routing to it.
-@functools.lru_cache(maxsize=1024)
 def _norm_ip(text: str) -> str | None:
     """Canonical text of an IP (brackets and IPv6 zone dropped, IPv4-mapped IPv6 as
     IPv4), or None if ``text`` is not an IP."""

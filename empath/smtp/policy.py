@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -11,28 +12,12 @@ from empath.config.model import Config, IPNetwork
 __all__ = ["RcptDecision", "decide_rcpt", "in_networks"]
 
 
-# (address, networks) -> answer. Asked for every connection (per-client limits) and every
-# recipient (relay), mostly for the same few addresses; parsing the address costs more
-# than the rest of either decision. The networks are part of the key, so a reload that
-# changes them is never answered from before it.
-_MEMO: dict[tuple[str, tuple[IPNetwork, ...]], bool] = {}
-_MEMO_SIZE = 4096
-
-
+# Asked for every connection (per-client limits) and every recipient (relay), mostly for
+# the same few addresses; parsing the address costs more than the rest of either
+# decision. The networks are part of the key, so a reload that changes them is never
+# answered from before it.
+@functools.lru_cache(maxsize=4096)
 def in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
-    key = (ip, networks)
-    try:
-        return _MEMO[key]
-    except KeyError:
-        pass
-    found = _in_networks(ip, networks)
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.clear()
-    _MEMO[key] = found
-    return found
-
-
-def _in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
