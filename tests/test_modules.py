@@ -14,8 +14,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,12 @@ import yaml
 
 from empath.config import ConfigError, load_config_text
 from empath.modules.api import Reject, Tempfail
+from empath.spool import Envelope, Recipient, Spool
 from tests.harness import (
     REPO,
     Daemon,
     RawClient,
+    children_of,
     free_port,
     queued_id,
     send_message,
@@ -410,6 +414,39 @@ def test_metadata_set_at_data_reaches_the_delivery_events_after_a_restart(
     expired = next(r for r in records(rec, "expired") if r.get("queue_id") == qid)
     assert expired["metadata"] == expected and expired["enhanced"] == "4.4.7"
     assert d.stop() == 0
+
+
+def test_a_message_the_supervisor_adopts_after_a_worker_died_is_received_once(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    # A worker's "queued" notices leave in batches; a kill can take the last with it,
+    # and the supervisor then finds the message in the spool (scenario 11c). Modules
+    # must hear of it then, as of any other message, and only once.
+    rec = tmp_path / "events.jsonl"
+    d = make_daemon(start=False, local_domains=["test.example"], modules=[probe([], rec)],
+                    delivery={"mode": "hold"})
+    d.start()
+    code, text = run(send_message(d.smtp_port, "alice@test.example", ["bob@test.example"],
+                                  b"Subject: told\r\n\r\nreported\r\n", "adopt-told"))
+    assert code == 250, text
+    told = queued_id(text)
+    wait_long(lambda: records(rec, "received"), "the received event of the reported one", d)
+    spool = Spool(d.state_dir / "spool")
+    writer = spool.create()
+    writer.write(b"Subject: untold\r\n\r\nnever reported\r\n")
+    untold = writer.id
+    asyncio.run(spool.commit(writer, Envelope(
+        id=untold, sender="alice@test.example", recipients=[Recipient("carol@test.example")],
+        received_at=time.time(), client_addr="127.0.0.1", client_port=1, helo="client.test")))
+    spool.close()
+    assert d.proc is not None
+    os.kill(min(children_of(d.proc.pid)), signal.SIGKILL)
+    wait_long(lambda: any(r["queue_id"] == untold for r in records(rec, "received")),
+              "the received event of the adopted message", d)
+    time.sleep(1.5)  # the restarted worker and the supervisor settle: nothing more comes
+    got = [r["queue_id"] for r in records(rec, "received")]
+    assert sorted(got) == sorted([told, untold])
+    assert next(r for r in records(rec, "received") if r["queue_id"] == untold)["helo"] \
+        == "client.test"
 
 
 # ---- the built-ins -------------------------------------------------------------------

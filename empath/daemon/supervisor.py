@@ -279,9 +279,8 @@ class Supervisor:
                         worker.clients[ip] = held - 1
                     anvil.release(ip)
             elif kind == "queued":
-                self.queued += 1
                 at, size, domains = msg.get("at"), msg.get("size"), msg.get("domains")
-                self.queue.add(str(msg.get("id")),
+                self.queued += self.queue.add(str(msg.get("id")),
                                received_at=float(at) if isinstance(at, int | float) else None,
                                size=size if isinstance(size, int) else 0,
                                domains=tuple(str(d) for d in domains)
@@ -335,6 +334,7 @@ class Supervisor:
                       self.spool.queue_dir, pid, exc)
             return
         adopted = self.queue.adopt(ids)
+        self.queued += len(adopted)
         if adopted:
             log.warning("queue: %d message(s) accepted by worker %d were never reported by "
                         "it; queued now: %s", len(adopted), pid, " ".join(adopted[:10]))

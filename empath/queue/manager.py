@@ -245,15 +245,27 @@ class QueueManager:
         known and scheduled, and changes nothing."""
         unknown = [id for id in ids if id not in self._index]
         self.load(unknown)
-        return [id for id in unknown if id in self._index]
+        adopted = [id for id in unknown if id in self._index]
+        for id in adopted:  # received, as far as modules can tell, only now
+            self._fire_received(id)
+        return adopted
 
     def add(self, id: str, *, received_at: float | None = None, size: int = 0,
-            domains: tuple[str, ...] = ()) -> None:
-        """A message was just queued (the worker says what it holds): try it now."""
+            domains: tuple[str, ...] = ()) -> bool:
+        """A message was just queued (the worker says what it holds): try it now.
+        False when it was known already (adopted before its notice arrived): modules
+        heard of it then, and are not told twice."""
         now = time.time()
-        self._index.setdefault(id, Indexed("pending", received_at or now, size,
-                                           tuple((d, "pending") for d in domains)))
+        known = id in self._index
+        if not known:
+            self._index[id] = Indexed("pending", received_at or now, size,
+                                      tuple((d, "pending") for d in domains))
         self.schedule(id, now)
+        if not known:
+            self._fire_received(id)
+        return not known
+
+    def _fire_received(self, id: str) -> None:
         if self.events.wants("received"):  # modules get the context as persisted
             try:
                 self.events.fire("received", self.spool.load(id))
