@@ -56,8 +56,9 @@ def run(root: Path, delay: float, messages: int, sessions: int) -> tuple[float, 
     (root / "tmp").mkdir()
     (root / "queue").mkdir()
     ours, theirs = socket.socketpair()
+    # $PYTHONPATH ahead of this checkout: set it to another tree to measure that syncer.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [*filter(None, [os.environ.get("PYTHONPATH")]), str(REPO)])}
     server = subprocess.Popen(
         [sys.executable, "-c", _SYNCER, str(theirs.fileno()), str(root), str(delay)],
         pass_fds=[theirs.fileno()], env=env)
@@ -124,7 +125,6 @@ def main() -> None:
         ms = [lat[int(p * (len(lat) - 1))] * 1000 for p in (0.5, 0.9, 0.99, 1.0)]
         print(f"{delay_ms:>9.1f} ms {len(lat) / elapsed:>10.0f} "
               + " ".join(f"{m:>8.1f}" for m in ms), flush=True)
-    os.sync()
 
 
 if __name__ == "__main__":
