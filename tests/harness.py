@@ -170,6 +170,26 @@ def children_of(pid: int) -> set[int]:
     return {int(x) for x in out.split()}
 
 
+def commit_unreported(state_dir: Path, data: bytes, sender: str, recipient: str) -> str:
+    """Commit a message into a daemon's spool the way a worker commits, without telling
+    the supervisor (as when a killed worker's last ``queued`` notice went with it).
+    Returns its queue id; the envelope's HELO is ``client.test``."""
+    # Imported here: the rest of the harness drives empath from outside, as a process.
+    from empath.spool import Envelope, Recipient, Spool
+
+    spool = Spool(state_dir / "spool")
+    try:
+        writer = spool.create()
+        writer.write(data)
+        asyncio.run(spool.commit(writer, Envelope(
+            id=writer.id, sender=sender, recipients=[Recipient(recipient)],
+            received_at=time.time(), client_addr="127.0.0.1", client_port=1,
+            helo="client.test")))
+    finally:
+        spool.close()
+    return writer.id
+
+
 def spool_ids(queue_dir: Path) -> set[str]:
     """The messages in a spool's queue/ (one .msg file each)."""
     return {p.stem for p in queue_dir.glob("*.msg")}

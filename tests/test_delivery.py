@@ -26,12 +26,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from empath.spool import Envelope, Recipient, Spool
 from tests.dnsmasq import DnsmasqServer, dnsmasq_fixture
 from tests.harness import (
     Daemon,
     RawClient,
     children_of,
+    commit_unreported,
     free_port,
     queued_id,
     send_message,
@@ -558,21 +558,15 @@ def test_11c_mail_a_killed_worker_never_reported_is_delivered_without_a_restart(
     # kill -9 can take the last notices with it. Such a message is in the spool, as
     # this one is (committed the way a worker commits), and nobody was told of it.
     d = start_daemon(make_daemon, dns_server, mail)
-    spool = Spool(d.state_dir / "spool")
-    writer = spool.create()
-    writer.write(message("never reported"))
-    envelope = Envelope(id=writer.id, sender=SENDER, recipients=[Recipient("carol@test.example")],
-                        received_at=time.time(), client_addr="127.0.0.1", client_port=1,
-                        helo="client.test")
-    asyncio.run(spool.commit(writer, envelope))
-    spool.close()
+    qid = commit_unreported(d.state_dir, message("never reported"), SENDER,
+                            "carol@test.example")
     time.sleep(1.5)  # the supervisor's scheduler ticks meanwhile: it does not know of it
-    assert not maildir_messages(mail, "carol") and not gone(d, writer.id)
+    assert not maildir_messages(mail, "carol") and not gone(d, qid)
     assert d.proc is not None
     os.kill(min(children_of(d.proc.pid)), signal.SIGKILL)
-    wait_until(lambda: gone(d, writer.id), "delivery of the unreported message", d)
+    wait_until(lambda: gone(d, qid), "delivery of the unreported message", d)
     assert [m["Subject"] for m in maildir_messages(mail, "carol")] == ["never reported"]
-    assert f"were never reported by it; queued now: {writer.id}" in d.log()
+    assert f"were never reported by it; queued now: {qid}" in d.log()
 
 
 # ---- 12: TLS policy per destination ---------------------------------------------------

@@ -28,12 +28,12 @@ import yaml
 
 from empath.config import ConfigError, load_config_text
 from empath.modules.api import Reject, Tempfail
-from empath.spool import Envelope, Recipient, Spool
 from tests.harness import (
     REPO,
     Daemon,
     RawClient,
     children_of,
+    commit_unreported,
     free_port,
     queued_id,
     send_message,
@@ -430,14 +430,8 @@ def test_a_message_the_supervisor_adopts_after_a_worker_died_is_received_once(
     assert code == 250, text
     told = queued_id(text)
     wait_long(lambda: records(rec, "received"), "the received event of the reported one", d)
-    spool = Spool(d.state_dir / "spool")
-    writer = spool.create()
-    writer.write(b"Subject: untold\r\n\r\nnever reported\r\n")
-    untold = writer.id
-    asyncio.run(spool.commit(writer, Envelope(
-        id=untold, sender="alice@test.example", recipients=[Recipient("carol@test.example")],
-        received_at=time.time(), client_addr="127.0.0.1", client_port=1, helo="client.test")))
-    spool.close()
+    untold = commit_unreported(d.state_dir, b"Subject: untold\r\n\r\nnever reported\r\n",
+                               "alice@test.example", "carol@test.example")
     assert d.proc is not None
     os.kill(min(children_of(d.proc.pid)), signal.SIGKILL)
     wait_long(lambda: any(r["queue_id"] == untold for r in records(rec, "received")),

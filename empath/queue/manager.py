@@ -256,14 +256,13 @@ class QueueManager:
         False when it was known already (adopted before its notice arrived): modules
         heard of it then, and are not told twice."""
         now = time.time()
-        known = id in self._index
-        if not known:
-            self._index[id] = Indexed("pending", received_at or now, size,
-                                      tuple((d, "pending") for d in domains))
         self.schedule(id, now)
-        if not known:
-            self._fire_received(id)
-        return not known
+        if id in self._index:
+            return False
+        self._index[id] = Indexed("pending", received_at or now, size,
+                                  tuple((d, "pending") for d in domains))
+        self._fire_received(id)
+        return True
 
     def _fire_received(self, id: str) -> None:
         if self.events.wants("received"):  # modules get the context as persisted
