@@ -1129,3 +1129,59 @@ def test_syncer_batch_refuses_a_bad_id_and_commits_the_rest(synced: Spool) -> No
     assert lines[3] == f"{ids[2]} 0"
     assert sorted(p.name for p in synced.queue_dir.iterdir()) == sorted(
         f"{i}.msg" for i in ids)
+
+
+
+def test_syncer_queue_sync_failure_refuses_its_batch_and_leaves_no_copy(
+        synced: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If fsync of queue/ fails, the renames of that batch may or may not be durable:
+    every message of the batch is refused (its client gets a 4xx and sends again) and
+    taken back out of queue/, so a restart cannot deliver a copy the client re-sent.
+    The syncer goes on serving: the next id is committed."""
+    import socket
+
+    from empath.spool import store, syncer
+    from empath.spool.ids import new_message_id
+
+    batch, later = [new_message_id(), new_message_id()], new_message_id()
+    for id in batch:
+        (synced.tmp_dir / f"{id}.msg").write_bytes(MESSAGE)
+    real_sync_dir = store.Spool._sync_dir
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def sync_dir(path: str | Path) -> None:
+        if failures:
+            raise failures.pop()
+        real_sync_dir(path)
+
+    monkeypatch.setattr(store.Spool, "_sync_dir", staticmethod(sync_dir))
+    ours, theirs = socket.socketpair()
+    server = threading.Thread(target=syncer.serve, args=(theirs, str(synced.root)))
+    server.start()
+    ours.settimeout(10)
+
+    def answers(n: int) -> list[str]:
+        got = b""
+        while got.count(b"\n") < n:
+            chunk = ours.recv(4096)
+            assert chunk, "the syncer closed before answering"
+            got += chunk
+        return got.decode().splitlines()
+
+    try:
+        ours.sendall("".join(f"{id}\n" for id in batch).encode())  # one read, one batch
+        refused = answers(2)
+        assert listing(synced.queue_dir) == [] and listing(synced.tmp_dir) == []
+        (synced.tmp_dir / f"{later}.msg").write_bytes(MESSAGE)
+        ours.sendall(f"{later}\n".encode())
+        committed = answers(1)
+    finally:
+        ours.close()
+        server.join(10)
+        theirs.close()
+    assert not server.is_alive()  # the worker's end closed: the syncer returns
+    assert [line.split(" ", 2)[:2] for line in refused] == [[id, str(errno.EIO)]
+                                                            for id in batch]
+    assert all("cannot sync" in line for line in refused)
+    assert committed == [f"{later} 0"]
+    assert listing(synced.queue_dir) == [f"{later}.msg"]
