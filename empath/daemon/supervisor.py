@@ -45,6 +45,7 @@ from empath.config.nexthop import split_host_port
 from empath.control import control_socket_path
 from empath.control.commands import ControlHandlers
 from empath.control.server import ControlError, ControlServer
+from empath.daemon import heap
 from empath.daemon.anvil import Anvil
 from empath.daemon.ipc import Channel, open_channel
 from empath.daemon.listeners import (
@@ -426,6 +427,7 @@ class Supervisor:
         self.queue.dkim.use(dkim_keys)
         setup_logging(new.log.level)
         errors = await self._push_config(self.generation)
+        heap.refreeze()  # the old configuration's objects go
         return ReloadResult(ok=not errors, applied=True, errors=errors, changed=changed,
                             restart_needed=restart, generation=self.generation)
 
@@ -579,6 +581,7 @@ class Supervisor:
                 ", ".join(f"{ls.label} ({ls.role})" for ls in self._smtp_sockets()),
                 extra={"EMPATH_EVENT": events.READY},
             )
+            heap.freeze()  # the recovered queue and start-up's objects (heap.py)
             self.notifier.notify("READY=1", f"STATUS={self._status_now()}")
             self.serving = True
             self._background(self._status_loop())

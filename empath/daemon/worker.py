@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from empath.config import ConfigError, load_config_text
+from empath.daemon import heap
 from empath.daemon.ipc import Channel, open_channel
 from empath.daemon.listeners import is_listening
 from empath.log import setup_logging
@@ -88,6 +89,7 @@ class Worker:
         spool.start_syncer()
         for sock, role in self.sockets:
             await front.serve(sock, role)
+        heap.freeze()  # before the first session: a collection then stalls nobody
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
@@ -187,6 +189,7 @@ class Worker:
             log.error("worker: cannot apply new configuration: %s", exc)
             return str(exc) or type(exc).__name__
         setup_logging(cfg.log.level)
+        heap.refreeze()
         return None
 
 
